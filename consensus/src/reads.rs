@@ -1,0 +1,253 @@
+//! Reads of the namespace: one entry, a prefix listing, the namespace root, and
+//! the change feed; linearizable (leader read-index) or stale (local).
+
+use std::sync::Arc;
+
+use synod_merkle::Hash;
+use tokio::sync::watch;
+
+use crate::codec;
+use crate::path::NsPath;
+use crate::state_machine::{entry_key, read_err, SmShared, P_CHANGE};
+use crate::types::{ClusterSettings, Entry, NodeId, NodeInfo, StorageError, SynodRaft};
+
+/// How fresh a read must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    /// Reflects every commit acknowledged before the read started (leader only).
+    Linearizable,
+    /// Whatever this node has applied.
+    Stale,
+}
+
+/// Why a read failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReadError {
+    /// Not the leader, or leadership could not be confirmed.
+    #[error("linearizable read not possible on this node")]
+    NotLeader(
+        #[source]
+        openraft::error::RaftError<NodeId, openraft::error::CheckIsLeaderError<NodeId, NodeInfo>>,
+    ),
+    /// Local storage failed.
+    #[error("namespace storage failed")]
+    Storage(#[source] StorageError),
+}
+
+/// One changed entry from the change feed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Its version (= log index of the commit).
+    pub version: u64,
+    /// The path.
+    pub path: NsPath,
+    /// The entry as of `version` (a tombstone for deletes and rename sources).
+    pub entry: Entry,
+}
+
+/// Local (stale) read access to a node's applied namespace.
+#[derive(Debug, Clone)]
+pub struct StateView {
+    pub(crate) shared: Arc<SmShared>,
+}
+
+impl StateView {
+    /// The applied entry of `path`, tombstones included.
+    pub fn get(&self, path: &NsPath) -> Result<Option<Entry>, StorageError> {
+        match self
+            .shared
+            .st
+            .sm
+            .get(entry_key(path.as_str()))
+            .map_err(read_err)?
+        {
+            None => Ok(None),
+            Some(b) => codec::decode::<Entry>("namespace entry", &b)
+                .map(Some)
+                .map_err(read_err),
+        }
+    }
+
+    /// Entries whose path starts with `prefix` (text prefix; use `dir/` for a
+    /// directory), in path order, at most `limit`.
+    pub fn list_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+    ) -> Result<Vec<(NsPath, Entry)>, StorageError> {
+        let mut out = Vec::new();
+        for kv in self.shared.st.sm.scan_prefix(entry_key(prefix)).take(limit) {
+            let (k, v) = kv.map_err(read_err)?;
+            out.push(decode_entry(&k[1..], &v)?);
+        }
+        Ok(out)
+    }
+
+    /// Every entry, in path order; for tests and tools.
+    pub fn all(&self) -> Result<Vec<(NsPath, Entry)>, StorageError> {
+        self.list_prefix("", usize::MAX)
+    }
+
+    /// The namespace Merkle root over all applied entries.
+    pub fn namespace_root(&self) -> Hash {
+        self.shared
+            .tree
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .root()
+    }
+
+    /// Number of entries (tombstones included).
+    pub fn len(&self) -> usize {
+        self.shared
+            .tree
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
+    /// True if the namespace has no entry.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Cluster settings, once initialised.
+    pub fn settings(&self) -> Result<Option<ClusterSettings>, StorageError> {
+        match self
+            .shared
+            .st
+            .sm
+            .get(crate::state_machine::M_SETTINGS)
+            .map_err(read_err)?
+        {
+            None => Ok(None),
+            Some(b) => codec::decode::<ClusterSettings>("cluster settings", &b)
+                .map(Some)
+                .map_err(read_err),
+        }
+    }
+
+    /// Log index of the last applied entry (0 before any).
+    pub fn applied_index(&self) -> u64 {
+        *self.shared.applied_tx.borrow()
+    }
+
+    /// Watches the last applied index, to wait for new commits.
+    pub fn watch_applied(&self) -> watch::Receiver<u64> {
+        self.shared.applied_tx.subscribe()
+    }
+
+    /// Waits until the applied index reaches `index`.
+    pub async fn wait_applied(&self, index: u64) {
+        let mut rx = self.watch_applied();
+        let _ = rx.wait_for(|&i| i >= index).await;
+    }
+
+    /// Entries changed after log index `after`, in log order, at most `limit`.
+    ///
+    /// An entry overwritten later appears once, under its latest version, so
+    /// resuming from the last version seen never misses a change. Entries that
+    /// arrived through a snapshot install appear under their own versions.
+    pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
+        let mut start = vec![P_CHANGE];
+        start.extend_from_slice(&after.saturating_add(1).to_be_bytes());
+        let end = [P_CHANGE + 1];
+        let mut out = Vec::new();
+        for k in self
+            .shared
+            .st
+            .sm
+            .range(start..end[..].to_vec())
+            .keys()
+            .take(limit)
+        {
+            let k = k.map_err(read_err)?;
+            let version =
+                u64::from_be_bytes(k[1..9].try_into().expect("change key has 8 index bytes"));
+            let path = std::str::from_utf8(&k[9..]).map_err(read_err)?;
+            let path = NsPath::parse(path).map_err(read_err)?;
+            let Some(entry) = self.get(&path)? else {
+                continue;
+            };
+            out.push(Change {
+                version,
+                path,
+                entry,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn decode_entry(path: &[u8], v: &[u8]) -> Result<(NsPath, Entry), StorageError> {
+    let path = std::str::from_utf8(path).map_err(read_err)?;
+    let path = NsPath::parse(path).map_err(read_err)?;
+    let e: Entry = codec::decode("namespace entry", v).map_err(read_err)?;
+    Ok((path, e))
+}
+
+/// Reads with a choice of consistency: the Raft handle plus the local view.
+#[derive(Clone)]
+pub struct Reader {
+    raft: SynodRaft,
+    view: StateView,
+}
+
+impl std::fmt::Debug for Reader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reader").finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// Reads through `raft` from `view` (both of the same node).
+    pub fn new(raft: SynodRaft, view: StateView) -> Reader {
+        Reader { raft, view }
+    }
+
+    async fn settle(&self, c: Consistency) -> Result<(), ReadError> {
+        if c == Consistency::Linearizable {
+            // Read index: confirms leadership with a quorum, waits for apply.
+            self.raft
+                .ensure_linearizable()
+                .await
+                .map_err(ReadError::NotLeader)?;
+        }
+        Ok(())
+    }
+
+    /// The entry of `path`.
+    pub async fn read_entry(
+        &self,
+        path: &NsPath,
+        c: Consistency,
+    ) -> Result<Option<Entry>, ReadError> {
+        self.settle(c).await?;
+        self.view.get(path).map_err(ReadError::Storage)
+    }
+
+    /// Entries under a text prefix.
+    pub async fn list_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+        c: Consistency,
+    ) -> Result<Vec<(NsPath, Entry)>, ReadError> {
+        self.settle(c).await?;
+        self.view
+            .list_prefix(prefix, limit)
+            .map_err(ReadError::Storage)
+    }
+
+    /// The namespace root.
+    pub async fn namespace_root(&self, c: Consistency) -> Result<Hash, ReadError> {
+        self.settle(c).await?;
+        Ok(self.view.namespace_root())
+    }
+
+    /// The local view.
+    pub fn view(&self) -> &StateView {
+        &self.view
+    }
+}

@@ -1,0 +1,442 @@
+//! The sled state machine driven directly: answers, exactly-once, change feed,
+//! persistence, snapshots, and bad input.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeSet;
+
+use openraft::storage::{RaftLogStorage, RaftStateMachine};
+use openraft::testing::log_id;
+use openraft::{EntryPayload, Membership, RaftLogReader, RaftSnapshotBuilder};
+use synod_consensus::{
+    open_stores, Answer, Command, Entry, Expect, NsPath, Request, RequestId, Response,
+    StateMachineStore, TypeConfig,
+};
+use synod_merkle::Hash;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+type RaftEntry = openraft::Entry<TypeConfig>;
+
+fn p(s: &str) -> NsPath {
+    NsPath::parse(s).expect("valid test path")
+}
+
+fn file(n: u8) -> Entry {
+    Entry::file(u64::from(n), Hash::of(&[n]), 1)
+}
+
+fn rid(serial: u64) -> RequestId {
+    RequestId { client: 7, serial }
+}
+
+fn normal(index: u64, commands: Vec<(RequestId, Command)>) -> RaftEntry {
+    RaftEntry {
+        log_id: log_id(1, 1, index),
+        payload: EntryPayload::Normal(Request { commands }),
+    }
+}
+
+async fn must_apply(sm: &mut StateMachineStore, entries: Vec<RaftEntry>) -> Vec<Response> {
+    let n = entries.len();
+    let r = sm.apply(entries).await.expect("apply");
+    assert_eq!(r.len(), n, "one response per entry");
+    r
+}
+
+#[tokio::test]
+async fn one_response_per_entry_including_blank_and_membership() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+    let members: BTreeSet<u64> = [1, 2, 3].into();
+    let entries = vec![
+        RaftEntry {
+            log_id: log_id(1, 1, 1),
+            payload: EntryPayload::Blank,
+        },
+        RaftEntry {
+            log_id: log_id(1, 1, 2),
+            payload: EntryPayload::Membership(Membership::new(vec![members], None)),
+        },
+        normal(
+            3,
+            vec![(rid(1), Command::put(&p("a"), file(1), Expect::Absent))],
+        ),
+    ];
+    let r = must_apply(&mut sm, entries).await;
+    assert_eq!(r[0], Response::default());
+    assert_eq!(r[1], Response::default());
+    assert_eq!(r[2].answers, vec![Answer::Ok { version: 3 }]);
+    let (applied, mem) = sm.applied_state().await.expect("applied state");
+    assert_eq!(applied.map(|l| l.index), Some(3));
+    assert_eq!(mem.log_id().map(|l| l.index), Some(2));
+}
+
+#[tokio::test]
+async fn batch_commands_are_checked_and_answered_one_by_one() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+    let r = must_apply(
+        &mut sm,
+        vec![normal(
+            1,
+            vec![
+                (rid(1), Command::put(&p("a"), file(1), Expect::Absent)),
+                (rid(2), Command::put(&p("a"), file(2), Expect::Absent)),
+                (rid(3), Command::put(&p("b"), file(3), Expect::Version(9))),
+                (rid(4), Command::delete(&p("c"), Expect::Any)),
+                (
+                    rid(5),
+                    Command::rename(&p("a"), &p("d"), Expect::Version(1), Expect::Absent),
+                ),
+            ],
+        )],
+    )
+    .await;
+    let a = &r[0].answers;
+    assert_eq!(a.len(), 5);
+    assert_eq!(a[0], Answer::Ok { version: 1 });
+    assert!(
+        matches!(&a[1], Answer::Conflict { current: Some(e) } if e.size == 1),
+        "{:?}",
+        a[1]
+    );
+    assert_eq!(a[2], Answer::Conflict { current: None });
+    assert_eq!(a[3], Answer::Conflict { current: None });
+    assert_eq!(
+        a[4],
+        Answer::Ok { version: 1 },
+        "rename sees the put of the same batch"
+    );
+    let v = sm.view();
+    assert!(v.get(&p("a")).expect("get").expect("tombstone").tombstone);
+    assert_eq!(v.get(&p("d")).expect("get").expect("moved").size, 1);
+}
+
+#[tokio::test]
+async fn a_retried_command_gets_its_first_answer_and_is_not_applied_twice() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+    let put = Command::put(&p("a"), file(1), Expect::Absent);
+    must_apply(&mut sm, vec![normal(1, vec![(rid(1), put.clone())])]).await;
+    let bump = Command::put(&p("a"), file(2), Expect::Version(1));
+    let r = must_apply(&mut sm, vec![normal(2, vec![(rid(2), bump.clone())])]).await;
+    assert_eq!(r[0].answers[0], Answer::Ok { version: 2 });
+    // The answer of rid 2 was lost; the client retries after a leader change.
+    let r = must_apply(
+        &mut sm,
+        vec![normal(3, vec![(rid(2), bump.clone()), (rid(1), put)])],
+    )
+    .await;
+    assert_eq!(
+        r[0].answers,
+        vec![Answer::Ok { version: 2 }, Answer::Ok { version: 1 }]
+    );
+    assert_eq!(
+        sm.view().get(&p("a")).expect("get").expect("entry").version,
+        2,
+        "not applied again"
+    );
+
+    // Exactly-once survives a restart.
+    drop(sm);
+    drop(_log);
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("reopen");
+    let r = must_apply(&mut sm, vec![normal(4, vec![(rid(2), bump)])]).await;
+    assert_eq!(r[0].answers[0], Answer::Ok { version: 2 });
+}
+
+#[tokio::test]
+async fn invalid_path_is_rejected_and_nothing_applied() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+    let bad = Command::Put {
+        path: "../etc/passwd".into(),
+        entry: file(1),
+        expect: Expect::Any,
+    };
+    let r = must_apply(&mut sm, vec![normal(1, vec![(rid(1), bad)])]).await;
+    assert!(
+        matches!(&r[0].answers[0], Answer::Rejected { reason } if reason.contains("../etc/passwd"))
+    );
+    assert!(sm.view().is_empty());
+    assert_eq!(sm.view().namespace_root(), Hash::ZERO);
+}
+
+#[tokio::test]
+async fn change_feed_lists_each_path_once_in_log_order() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+    must_apply(
+        &mut sm,
+        vec![
+            normal(
+                1,
+                vec![(rid(1), Command::put(&p("a"), file(1), Expect::Any))],
+            ),
+            normal(
+                2,
+                vec![(rid(2), Command::put(&p("b"), file(2), Expect::Any))],
+            ),
+            normal(
+                3,
+                vec![(rid(3), Command::put(&p("a"), file(3), Expect::Any))],
+            ),
+        ],
+    )
+    .await;
+    let v = sm.view();
+    let all: Vec<(u64, String)> = v
+        .changes_since(0, 100)
+        .expect("feed")
+        .into_iter()
+        .map(|c| (c.version, c.path.to_string()))
+        .collect();
+    assert_eq!(all, vec![(2, "b".to_string()), (3, "a".to_string())]);
+    let after2: Vec<u64> = v
+        .changes_since(2, 100)
+        .expect("feed")
+        .into_iter()
+        .map(|c| c.version)
+        .collect();
+    assert_eq!(after2, vec![3]);
+    assert_eq!(v.applied_index(), 3);
+}
+
+#[tokio::test]
+async fn state_and_root_survive_reopen() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (log, mut sm) = open_stores(d.path(), "c").expect("open");
+    let settings = synod_consensus::ClusterSettings {
+        chunk_min: 16384,
+        chunk_avg: 65536,
+        chunk_max: 262144,
+        replication: 2,
+    };
+    let mut cmds: Vec<_> = (0..50u64)
+        .map(|i| {
+            (
+                rid(i),
+                Command::put(&p(&format!("dir/f{i}")), file(i as u8), Expect::Absent),
+            )
+        })
+        .collect();
+    cmds.push((rid(50), Command::InitCluster { settings }));
+    must_apply(&mut sm, vec![normal(1, cmds)]).await;
+    assert_eq!(sm.view().settings().expect("settings"), Some(settings));
+    let root = sm.view().namespace_root();
+    assert_ne!(root, Hash::ZERO);
+    drop((log, sm));
+    let (_log, sm) = open_stores(d.path(), "c").expect("reopen");
+    assert_eq!(
+        sm.view().settings().expect("settings after reopen"),
+        Some(settings)
+    );
+    assert_eq!(sm.view().namespace_root(), root);
+    assert_eq!(sm.view().list_prefix("dir/", 1000).expect("list").len(), 50);
+    assert_eq!(
+        sm.view().list_prefix("dir/f1", 1000).expect("list").len(),
+        11
+    );
+}
+
+async fn read_all(mut f: tokio::fs::File) -> Vec<u8> {
+    let mut b = Vec::new();
+    f.read_to_end(&mut b).await.expect("read snapshot");
+    b
+}
+
+async fn must_install(
+    sm: &mut StateMachineStore,
+    meta: &synod_consensus::types::SnapshotMeta,
+    bytes: &[u8],
+) -> Result<(), openraft::StorageError<u64>> {
+    let mut f = sm
+        .begin_receiving_snapshot()
+        .await
+        .expect("begin receiving");
+    f.write_all(bytes).await.expect("write");
+    f.flush().await.expect("flush");
+    sm.install_snapshot(meta, f).await
+}
+
+#[tokio::test]
+async fn snapshot_round_trip_and_bad_snapshots_are_refused() {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let (_l1, mut sm1) = open_stores(d1.path(), "c").expect("open");
+    let (_l2, mut sm2) = open_stores(d2.path(), "c").expect("open");
+    let cmds: Vec<_> = (0..3000u64)
+        .map(|i| {
+            (
+                rid(i),
+                Command::put(&p(&format!("f{i}")), file(i as u8), Expect::Absent),
+            )
+        })
+        .collect();
+    must_apply(&mut sm1, vec![normal(1, cmds)]).await;
+    must_apply(
+        &mut sm2,
+        vec![normal(
+            1,
+            vec![(rid(9999), Command::put(&p("old"), file(1), Expect::Any))],
+        )],
+    )
+    .await;
+    let snap = sm1
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    let bytes = read_all(*snap.snapshot).await;
+    let cur = sm1
+        .get_current_snapshot()
+        .await
+        .expect("current")
+        .expect("some");
+    assert_eq!(cur.meta, snap.meta);
+
+    let before = sm2.view().all().expect("all");
+    let truncated = &bytes[..bytes.len() / 2];
+    let err = must_install(&mut sm2, &snap.meta, truncated)
+        .await
+        .expect_err("truncated");
+    assert!(err.to_string().contains("snapshot"), "{err}");
+    let mut garbage = bytes.clone();
+    let mid = garbage.len() / 2;
+    garbage[mid] ^= 0xFF;
+    let err = must_install(&mut sm2, &snap.meta, &garbage)
+        .await
+        .expect_err("garbage");
+    tracing::info!(%err, "garbage refused");
+    assert!(must_install(&mut sm2, &snap.meta, b"not a snapshot")
+        .await
+        .is_err());
+    let leftovers: Vec<_> = std::fs::read_dir(d2.path().join("snapshots"))
+        .expect("snapshot dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "refused snapshots leave no files: {leftovers:?}"
+    );
+    assert_eq!(
+        sm2.view().all().expect("all"),
+        before,
+        "nothing applied from a bad snapshot"
+    );
+
+    must_install(&mut sm2, &snap.meta, &bytes)
+        .await
+        .expect("install");
+    assert_eq!(
+        sm2.view().all().expect("all"),
+        sm1.view().all().expect("all")
+    );
+    assert_eq!(sm2.view().namespace_root(), sm1.view().namespace_root());
+    assert_eq!(
+        sm2.applied_state().await.expect("applied").0,
+        snap.meta.last_log_id
+    );
+    // Remembered answers travel with the snapshot.
+    let r = must_apply(
+        &mut sm2,
+        vec![normal(
+            2,
+            vec![(rid(5), Command::put(&p("f5"), file(1), Expect::Absent))],
+        )],
+    )
+    .await;
+    assert_eq!(r[0].answers[0], Answer::Ok { version: 1 });
+    // And the installed snapshot is persisted: it is current after a reopen.
+    drop((_l2, sm2));
+    let (_l2, mut sm2) = open_stores(d2.path(), "c").expect("reopen");
+    assert_eq!(
+        sm2.get_current_snapshot()
+            .await
+            .expect("current")
+            .expect("some")
+            .meta,
+        snap.meta
+    );
+}
+
+#[tokio::test]
+async fn corrupt_log_entry_is_a_storage_error_naming_the_index() {
+    let d = tempfile::tempdir().expect("tempdir");
+    let (mut log, _sm) = open_stores(d.path(), "c").expect("open");
+    log.put_raw_for_test(5, b"\xff\xff\xff garbage");
+    let err = log.try_get_log_entries(0..10).await.expect_err("garbage");
+    assert!(err.to_string().contains('5'), "{err}");
+    assert!(log.get_log_state().await.is_err());
+    let good = openraft::Entry::<TypeConfig> {
+        log_id: log_id(1, 1, 5),
+        payload: EntryPayload::Blank,
+    };
+    let mut bytes = synod_consensus::codec::encode(&good);
+    bytes.truncate(bytes.len() - 1);
+    log.put_raw_for_test(5, &bytes);
+    assert!(
+        log.try_get_log_entries(5..6).await.is_err(),
+        "truncated entry"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_built_while_apply_runs_is_consistent() {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let (_l1, mut sm1) = open_stores(d1.path(), "c").expect("open");
+    let (_l2, mut sm2) = open_stores(d2.path(), "c").expect("open");
+    let cmds: Vec<_> = (0..20_000u64)
+        .map(|i| {
+            (
+                rid(i),
+                Command::put(&p(&format!("f{i:05}")), file(i as u8), Expect::Absent),
+            )
+        })
+        .collect();
+    must_apply(&mut sm1, vec![normal(1, cmds)]).await;
+    let mut builder = sm1.get_snapshot_builder().await;
+    let build = tokio::spawn(async move { builder.build_snapshot().await });
+    // Overwrite, delete, rename and create while the build streams.
+    let mut index = 1;
+    while !build.is_finished() && index < 400 {
+        index += 1;
+        let base = index * 40;
+        let cmds = vec![
+            (
+                rid(100_000 + base),
+                Command::put(&p(&format!("f{:05}", base % 20_000)), file(1), Expect::Any),
+            ),
+            (
+                rid(100_001 + base),
+                Command::delete(&p(&format!("f{:05}", (base + 1) % 20_000)), Expect::Any),
+            ),
+            (
+                rid(100_002 + base),
+                Command::rename(
+                    &p(&format!("f{:05}", (base + 2) % 20_000)),
+                    &p(&format!("new{base}")),
+                    Expect::Any,
+                    Expect::Any,
+                ),
+            ),
+        ];
+        must_apply(&mut sm1, vec![normal(index, cmds)]).await;
+    }
+    let snap = build.await.expect("join").expect("build");
+    let at = snap.meta.last_log_id.expect("applied").index;
+    let bytes = read_all(*snap.snapshot).await;
+    // Install checks the streamed namespace against the root captured at `at`.
+    must_install(&mut sm2, &snap.meta, &bytes)
+        .await
+        .expect("consistent snapshot installs");
+    let all = sm2.view().all().expect("all");
+    assert!(
+        all.iter().all(|(_, e)| e.version <= at),
+        "nothing newer than the capture"
+    );
+    assert!(index > 2, "apply ran during the build ({index})");
+    tracing::info!(at, index, "snapshot at {at} while apply reached {index}");
+}

@@ -1,0 +1,381 @@
+//! The HTTP API (DESIGN.md section 6): JSON over axum on 127.0.0.1.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use synod_consensus::{Consistency, Entry, EntryKind, Expect, NsPath};
+use tokio::io::AsyncWriteExt;
+
+use crate::engine::{SyncNode, WriteMeta};
+use crate::error::NodeError;
+use crate::fsutil;
+use crate::peers::PeerNet;
+use crate::status::{self, ClusterReport, StatusReport};
+
+/// What handlers share.
+#[allow(missing_debug_implementations)]
+pub struct ApiState<N: PeerNet> {
+    pub node: Arc<SyncNode<N>>,
+    pub max_upload_bytes: u64,
+    /// Every node of the cluster configuration, for `POST /v1/cluster/init`.
+    pub initial_members: std::collections::BTreeMap<u64, synod_consensus::NodeInfo>,
+    pub settings: synod_consensus::ClusterSettings,
+}
+
+impl IntoResponse for NodeError {
+    fn into_response(self) -> Response {
+        let status = match &self {
+            NodeError::BadPath(_) | NodeError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            NodeError::NotFound(_) => StatusCode::NOT_FOUND,
+            NodeError::Conflict { .. } => StatusCode::CONFLICT,
+            NodeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        let mut body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        if let NodeError::Conflict { current, .. } = &self {
+            body["error"]["current"] = json!(current.as_deref().map(EntryView::from_entry));
+        }
+        (status, Json(body)).into_response()
+    }
+}
+
+/// An entry as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntryView {
+    pub path: Option<String>,
+    pub kind: String,
+    pub size: u64,
+    pub root: String,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    pub version: u64,
+    pub origin: u64,
+    pub holders: Vec<u64>,
+    pub deleted: bool,
+}
+
+impl EntryView {
+    pub fn from_entry(e: &Entry) -> EntryView {
+        EntryView {
+            path: None,
+            kind: match e.kind {
+                EntryKind::File => "file",
+                EntryKind::Directory => "directory",
+                EntryKind::Symlink => "symlink",
+            }
+            .into(),
+            size: e.size,
+            root: e.root.to_string(),
+            mode: e.mode,
+            mtime_ns: e.mtime_ns,
+            version: e.version,
+            origin: e.origin,
+            holders: e.holders.clone(),
+            deleted: e.tombstone,
+        }
+    }
+
+    fn with_path(mut self, p: &NsPath) -> EntryView {
+        self.path = Some(p.to_string());
+        self
+    }
+}
+
+pub fn router<N: PeerNet>(state: Arc<ApiState<N>>) -> Router {
+    Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics::<N>))
+        .route("/v1/status", get(get_status::<N>))
+        .route("/v1/cluster", get(get_cluster::<N>))
+        .route("/v1/cluster/init", post(init_cluster::<N>))
+        .route("/v1/files", get(list_files::<N>))
+        .route(
+            "/v1/files/{*path}",
+            get(get_file::<N>)
+                .put(put_file::<N>)
+                .delete(delete_file::<N>),
+        )
+        // Uploads stream to disk under our own limit (`max_upload_bytes`).
+        .layer(axum::extract::DefaultBodyLimit::disable())
+        .route("/v1/rename", post(rename::<N>))
+        .fallback(|| async { NodeError::NotFound("no such route".into()) })
+        .with_state(state)
+}
+
+fn parse_path(p: &str) -> Result<NsPath, NodeError> {
+    NsPath::parse(p).map_err(|e| NodeError::BadPath(e.to_string()))
+}
+
+fn consistency(stale: Option<u8>) -> Consistency {
+    if stale.unwrap_or(0) != 0 {
+        Consistency::Stale
+    } else {
+        Consistency::Linearizable
+    }
+}
+
+/// `If-Match: <version>` → `Version`, `If-None-Match: *` → `Absent`.
+fn precondition(headers: &HeaderMap) -> Result<Expect, NodeError> {
+    if let Some(v) = headers.get(header::IF_NONE_MATCH) {
+        return match v.to_str().map(str::trim) {
+            Ok("*") => Ok(Expect::Absent),
+            _ => Err(NodeError::BadRequest(
+                "If-None-Match only supports `*`".into(),
+            )),
+        };
+    }
+    if let Some(v) = headers.get(header::IF_MATCH) {
+        let text = v.to_str().unwrap_or("").trim().trim_matches('"');
+        return text.parse::<u64>().map(Expect::Version).map_err(|_| {
+            NodeError::BadRequest(format!("If-Match must be a version number, got {text:?}"))
+        });
+    }
+    Ok(Expect::Any)
+}
+
+async fn get_status<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> Json<StatusReport> {
+    Json(status::status(&s.node))
+}
+
+async fn get_cluster<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> Json<ClusterReport> {
+    Json(status::cluster(&s.node))
+}
+
+async fn metrics<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        status::prometheus(&s.node),
+    )
+}
+
+async fn status_page() -> Html<&'static str> {
+    Html(include_str!("status.html"))
+}
+
+/// Initializes Raft with every configured node as a voter, then the cluster
+/// settings. Safe to call again: an initialized cluster answers 200.
+async fn init_cluster<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    let raft = &s.node.raft;
+    let fresh = !raft
+        .is_initialized()
+        .await
+        .map_err(|e| NodeError::internal("raft", e))?;
+    if fresh {
+        raft.initialize(s.initial_members.clone())
+            .await
+            .map_err(|e| NodeError::internal("initializing raft", e))?;
+    }
+    if s.node.reader.view().settings().ok().flatten().is_none() {
+        let answer = s
+            .node
+            .propose(synod_consensus::Command::InitCluster {
+                settings: s.settings,
+            })
+            .await?;
+        tracing::info!(?answer, "cluster settings proposed");
+    }
+    Ok(Json(json!({ "initialized": true, "fresh": fresh })))
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    prefix: Option<String>,
+    stale: Option<u8>,
+    deleted: Option<u8>,
+    limit: Option<usize>,
+}
+
+async fn list_files<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    let entries = s
+        .node
+        .list_prefix(
+            q.prefix.as_deref().unwrap_or(""),
+            q.limit.unwrap_or(100_000),
+            consistency(q.stale),
+        )
+        .await?;
+    let show_deleted = q.deleted.unwrap_or(0) != 0;
+    let list: Vec<EntryView> = entries
+        .iter()
+        .filter(|(_, e)| show_deleted || e.is_live())
+        .map(|(p, e)| EntryView::from_entry(e).with_path(p))
+        .collect();
+    Ok(Json(json!({ "entries": list })))
+}
+
+#[derive(Debug, Deserialize)]
+struct FileQuery {
+    content: Option<u8>,
+    stale: Option<u8>,
+}
+
+async fn get_file<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    UrlPath(path): UrlPath<String>,
+    Query(q): Query<FileQuery>,
+) -> Result<Response, NodeError> {
+    let path = parse_path(&path)?;
+    let entry = s
+        .node
+        .read_entry(&path, consistency(q.stale))
+        .await?
+        .filter(|e| e.is_live())
+        .ok_or_else(|| NodeError::NotFound(path.to_string()))?;
+    if q.content.unwrap_or(0) == 0 {
+        return Ok(Json(EntryView::from_entry(&entry).with_path(&path)).into_response());
+    }
+    if entry.kind != EntryKind::File {
+        return Err(NodeError::BadRequest(format!(
+            "{path} is not a regular file"
+        )));
+    }
+    let local = s.node.local_content(&path, entry.version).await?;
+    let file = tokio::fs::File::open(&local)
+        .await
+        .map_err(|e| NodeError::internal(&format!("opening {}", local.display()), e))?;
+    let stream = tokio_util::io::ReaderStream::new(file);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::ETAG, format!("\"{}\"", entry.version)),
+        ],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+async fn put_file<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, NodeError> {
+    let path = parse_path(&path)?;
+    let expect = precondition(&headers)?;
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > s.max_upload_bytes) {
+        return Err(NodeError::TooLarge {
+            limit: s.max_upload_bytes,
+        });
+    }
+    let tmp = fsutil::temp_path(&s.node.folder, "upload")
+        .map_err(|e| NodeError::internal("creating upload file", e))?;
+    if let Err(e) = receive_body(body, &tmp, s.max_upload_bytes).await {
+        let _ = tokio::fs::remove_file(&tmp).await;
+        return Err(e);
+    }
+    let now_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or(0);
+    let meta = WriteMeta {
+        expect,
+        mode: 0o644,
+        mtime_ns: now_ns,
+    };
+    let version = s.node.write_file(&path, tmp, meta).await?;
+    Ok((
+        StatusCode::OK,
+        [(header::ETAG, format!("\"{version}\""))],
+        Json(json!({ "path": path.as_str(), "version": version })),
+    )
+        .into_response())
+}
+
+/// Streams the body into `tmp` (never whole in memory), enforcing `limit`,
+/// and fsyncs it.
+async fn receive_body(body: Body, tmp: &std::path::Path, limit: u64) -> Result<(), NodeError> {
+    let mut file = tokio::fs::File::create(tmp)
+        .await
+        .map_err(|e| NodeError::internal("creating upload file", e))?;
+    let mut stream = body.into_data_stream();
+    let mut total = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk =
+            chunk.map_err(|e| NodeError::BadRequest(format!("reading request body: {e}")))?;
+        total += chunk.len() as u64;
+        if total > limit {
+            return Err(NodeError::TooLarge { limit });
+        }
+        file.write_all(&chunk)
+            .await
+            .map_err(|e| NodeError::internal("writing upload file", e))?;
+    }
+    file.sync_all()
+        .await
+        .map_err(|e| NodeError::internal("fsync upload file", e))?;
+    Ok(())
+}
+
+async fn delete_file<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    UrlPath(path): UrlPath<String>,
+    headers: HeaderMap,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    let path = parse_path(&path)?;
+    let mut expect = precondition(&headers)?;
+    if matches!(expect, Expect::Any) {
+        // Delete what exists now; a concurrent write wins rather than vanishes.
+        let current = s
+            .node
+            .read_entry(&path, Consistency::Linearizable)
+            .await?
+            .filter(|e| e.is_live())
+            .ok_or_else(|| NodeError::NotFound(path.to_string()))?;
+        expect = Expect::Version(current.version);
+    }
+    let version = s.node.delete(&path, expect).await?;
+    Ok(Json(json!({ "path": path.as_str(), "version": version })))
+}
+
+#[derive(Debug, Deserialize)]
+struct RenameBody {
+    from: String,
+    to: String,
+    /// Version `from` must have; default: its current version.
+    expect_from: Option<u64>,
+    /// Version `to` must have; default: `to` must not exist.
+    expect_to: Option<u64>,
+}
+
+async fn rename<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    Json(body): Json<RenameBody>,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    let from = parse_path(&body.from)?;
+    let to = parse_path(&body.to)?;
+    let expect_from = match body.expect_from {
+        Some(v) => Expect::Version(v),
+        None => {
+            let current = s
+                .node
+                .read_entry(&from, Consistency::Linearizable)
+                .await?
+                .filter(|e| e.is_live())
+                .ok_or_else(|| NodeError::NotFound(from.to_string()))?;
+            Expect::Version(current.version)
+        }
+    };
+    let expect_to = body.expect_to.map_or(Expect::Absent, Expect::Version);
+    let version = s.node.rename(&from, &to, expect_from, expect_to).await?;
+    Ok(Json(
+        json!({ "from": from.as_str(), "to": to.as_str(), "version": version }),
+    ))
+}

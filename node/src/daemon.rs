@@ -1,0 +1,594 @@
+//! The daemon: wires storage, Raft, the transport, the sync engine and the
+//! HTTP API of one node, and shuts them down in order.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::future::BoxFuture;
+use futures::FutureExt;
+use synod_chunker::ChunkParams;
+use synod_consensus::{
+    open_stores, ClusterSettings, NodeId, NodeInfo, Proposer, ProposerConfig, Reader, Request,
+    SynodRaft,
+};
+use synod_merkle::{Hash, MerkleTree};
+use synod_transport::{
+    start_transport, ChunkData, ForwardResponse, Multiaddr, P2pRaftNetwork, PeerId, ServiceError,
+    Services, TransportConfig, TransportHandle,
+};
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn, Instrument};
+
+use crate::api::{self, ApiState};
+use crate::config::{ClusterConfig, NodeConfig};
+use crate::engine::SyncNode;
+use crate::fsutil;
+use crate::local::LocalState;
+use crate::materializer;
+use crate::metrics::Metrics;
+use crate::peers::{ForwardOutcome, PeerError, PeerNet};
+use crate::staging::Staging;
+
+/// Creates the data dir and identity of a node if needed; returns its peer id.
+pub fn init_identity(data_dir: &Path) -> Result<PeerId> {
+    std::fs::create_dir_all(data_dir)
+        .with_context(|| format!("creating data dir {}", data_dir.display()))?;
+    let key = synod_transport::load_or_create_identity(data_dir)?;
+    Ok(key.public().to_peer_id())
+}
+
+fn quic_addr(addr: SocketAddr) -> Multiaddr {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
+        std::net::IpAddr::V6(ip) => format!("/ip6/{ip}"),
+    };
+    format!("{ip}/udp/{}/quic-v1", addr.port())
+        .parse()
+        .expect("an ip and a port form a valid multiaddr")
+}
+
+/// A node's peer id: from the configuration, else from its data dir (nodes
+/// on this machine).
+fn peer_id_of(n: &NodeConfig) -> Result<PeerId> {
+    if let Some(p) = &n.peer_id {
+        return p
+            .parse()
+            .with_context(|| format!("node {}: invalid peer_id {p:?}", n.id));
+    }
+    let key_path = n.data_dir.join(synod_transport::identity::KEY_FILE);
+    let key = synod_transport::identity::load_identity(&key_path).with_context(|| {
+        format!(
+            "node {} has no peer_id in the configuration and no identity at {}; \
+             run `synod init --node {}` there and put the printed peer id in the configuration",
+            n.id,
+            key_path.display(),
+            n.id
+        )
+    })?;
+    Ok(key.public().to_peer_id())
+}
+
+/// The members of the configuration as Raft node infos.
+pub fn configured_members(cfg: &ClusterConfig) -> Result<BTreeMap<NodeId, NodeInfo>> {
+    cfg.nodes
+        .values()
+        .map(|n| {
+            Ok((
+                n.id,
+                NodeInfo {
+                    addr: quic_addr(n.address).to_string(),
+                    peer_id: peer_id_of(n)?.to_string(),
+                },
+            ))
+        })
+        .collect()
+}
+
+/// The network as the sync engine sees it, over the transport.
+#[allow(missing_debug_implementations)]
+pub struct TransportNet {
+    handle: TransportHandle,
+    raft: SynodRaft,
+    configured: BTreeMap<NodeId, NodeInfo>,
+    metrics: Arc<Metrics>,
+}
+
+impl TransportNet {
+    fn peer(&self, node: NodeId) -> Result<PeerId, PeerError> {
+        let m = self.raft.metrics().borrow().clone();
+        let info = m
+            .membership_config
+            .membership()
+            .get_node(&node)
+            .cloned()
+            .or_else(|| self.configured.get(&node).cloned())
+            .ok_or_else(|| PeerError::new(node, "not a member"))?;
+        let (peer, _) = synod_transport::peer_of(&info).map_err(|e| PeerError::new(node, e))?;
+        Ok(peer)
+    }
+}
+
+impl PeerNet for TransportNet {
+    async fn fetch_chunks(
+        &self,
+        peer: NodeId,
+        ids: Vec<Hash>,
+    ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .fetch_chunks(p, &ids)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn missing_chunks(&self, peer: NodeId, ids: Vec<Hash>) -> Result<Vec<Hash>, PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .missing_chunks(p, &ids)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn push_chunks(
+        &self,
+        peer: NodeId,
+        chunks: Vec<(Hash, Vec<u8>)>,
+    ) -> Result<(), PeerError> {
+        let p = self.peer(peer)?;
+        let chunks = chunks
+            .into_iter()
+            .map(|(id, bytes)| ChunkData { id, bytes })
+            .collect();
+        self.handle
+            .push_chunks(p, chunks)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn push_manifest(&self, peer: NodeId, manifest: Vec<u8>) -> Result<(), PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .push_manifest(p, manifest)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn tree_top(&self, peer: NodeId, root: Hash) -> Result<Option<(u64, Hash)>, PeerError> {
+        let p = self.peer(peer)?;
+        match self.handle.tree_top(p, root).await {
+            Ok(top) => Ok(Some(top)),
+            Err(synod_transport::RequestError::Refused { .. }) => Ok(None),
+            Err(e) => Err(PeerError::new(peer, e)),
+        }
+    }
+
+    async fn tree_nodes(
+        &self,
+        peer: NodeId,
+        root: Hash,
+        level: u32,
+        range: Range<u64>,
+    ) -> Result<Vec<Hash>, PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .tree_nodes(p, root, level as usize, range)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn forward(&self, peer: NodeId, request: Request) -> Result<ForwardOutcome, PeerError> {
+        let p = self.peer(peer)?;
+        let _ = &self.metrics;
+        match self.handle.forward_write(p, request).await {
+            Ok(ForwardResponse::Done(r)) => Ok(ForwardOutcome::Done(r)),
+            Ok(ForwardResponse::NotLeader { leader }) => Ok(ForwardOutcome::NotLeader(leader)),
+            Ok(ForwardResponse::Failed(m)) => Ok(ForwardOutcome::Failed(m)),
+            Ok(ForwardResponse::ReadIndex(_)) => Ok(ForwardOutcome::Failed(
+                "read index answered to a write".into(),
+            )),
+            Err(e) => Err(PeerError::new(peer, e)),
+        }
+    }
+
+    async fn read_index(&self, peer: NodeId) -> Result<ForwardOutcome, PeerError> {
+        let p = self.peer(peer)?;
+        match self.handle.read_index(p).await {
+            Ok(ForwardResponse::ReadIndex(i)) => Ok(ForwardOutcome::ReadIndex(i)),
+            Ok(ForwardResponse::NotLeader { leader }) => Ok(ForwardOutcome::NotLeader(leader)),
+            Ok(ForwardResponse::Failed(m)) => Ok(ForwardOutcome::Failed(m)),
+            Ok(ForwardResponse::Done(_)) => Ok(ForwardOutcome::Failed(
+                "write answer to a read index".into(),
+            )),
+            Err(e) => Err(PeerError::new(peer, e)),
+        }
+    }
+}
+
+/// What this node serves to peers, once the engine exists.
+struct NodeServices {
+    node: OnceLock<Arc<SyncNode<TransportNet>>>,
+    trees: Mutex<HashMap<Hash, Arc<MerkleTree>>>,
+}
+
+/// Manifest trees kept built for serving.
+const TREE_CACHE: usize = 32;
+
+impl NodeServices {
+    fn node(&self) -> Result<&Arc<SyncNode<TransportNet>>, ServiceError> {
+        self.node
+            .get()
+            .ok_or_else(|| ServiceError("node is starting".into()))
+    }
+
+    fn tree(&self, root: &Hash) -> Result<Option<Arc<MerkleTree>>, ServiceError> {
+        if let Some(t) = self.trees.lock().expect("tree cache poisoned").get(root) {
+            return Ok(Some(t.clone()));
+        }
+        let node = self.node()?;
+        let Some(manifest) = node
+            .local
+            .manifest(root)
+            .map_err(|e| ServiceError(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let tree = Arc::new(MerkleTree::from_leaves(manifest.chunk_ids().collect()));
+        let mut cache = self.trees.lock().expect("tree cache poisoned");
+        if cache.len() >= TREE_CACHE {
+            cache.clear();
+        }
+        cache.insert(*root, tree.clone());
+        Ok(Some(tree))
+    }
+}
+
+impl Services for NodeServices {
+    fn tree_top(
+        &self,
+        _peer: PeerId,
+        root: Hash,
+    ) -> BoxFuture<'_, Result<Option<(u64, Hash)>, ServiceError>> {
+        async move {
+            Ok(self
+                .tree(&root)?
+                .and_then(|t| t.top().map(|top| (t.leaf_count(), top))))
+        }
+        .boxed()
+    }
+
+    fn tree_nodes(
+        &self,
+        _peer: PeerId,
+        root: Hash,
+        level: usize,
+        range: Range<u64>,
+    ) -> BoxFuture<'_, Result<Option<Vec<Hash>>, ServiceError>> {
+        async move { Ok(self.tree(&root)?.map(|t| t.nodes(level, range).to_vec())) }.boxed()
+    }
+
+    fn read_chunks(
+        &self,
+        _peer: PeerId,
+        ids: Vec<Hash>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+        async move {
+            let node = self.node()?.clone();
+            tokio::task::spawn_blocking(move || {
+                let out: Vec<Option<Vec<u8>>> = ids.iter().map(|id| node.serve_chunk(id)).collect();
+                let bytes: usize = out.iter().flatten().map(Vec::len).sum();
+                Metrics::add(&node.metrics.bytes_served, bytes as u64);
+                out
+            })
+            .await
+            .map_err(|e| ServiceError(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn store_chunks(
+        &self,
+        _peer: PeerId,
+        chunks: Vec<ChunkData>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
+        async move {
+            let node = self.node()?.clone();
+            tokio::task::spawn_blocking(move || {
+                let pairs: Vec<(Hash, Vec<u8>)> =
+                    chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
+                node.store_pushed(&pairs)
+            })
+            .await
+            .map_err(|e| ServiceError(e.to_string()))?
+            .map_err(ServiceError)
+        }
+        .boxed()
+    }
+
+    fn store_manifest(
+        &self,
+        _peer: PeerId,
+        manifest: Vec<u8>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
+        async move {
+            let node = self.node()?.clone();
+            node.store_pushed_manifest(&manifest)
+                .await
+                .map_err(ServiceError)
+        }
+        .boxed()
+    }
+
+    fn missing_chunks(
+        &self,
+        _peer: PeerId,
+        ids: Vec<Hash>,
+    ) -> BoxFuture<'_, Result<Vec<Hash>, ServiceError>> {
+        async move {
+            let node = self.node()?.clone();
+            tokio::task::spawn_blocking(move || node.lacking(&ids))
+                .await
+                .map_err(|e| ServiceError(e.to_string()))
+        }
+        .boxed()
+    }
+
+    fn forward_write(&self, _peer: PeerId, request: Request) -> BoxFuture<'_, ForwardResponse> {
+        async move {
+            let node = match self.node() {
+                Ok(n) => n.clone(),
+                Err(e) => return ForwardResponse::Failed(e.0),
+            };
+            to_wire(node.serve_forward(request).await)
+        }
+        .boxed()
+    }
+
+    fn read_index(&self, _peer: PeerId) -> BoxFuture<'_, ForwardResponse> {
+        async move {
+            match self.node() {
+                Ok(n) => to_wire(n.serve_read_index().await),
+                Err(e) => ForwardResponse::Failed(e.0),
+            }
+        }
+        .boxed()
+    }
+}
+
+fn to_wire(o: ForwardOutcome) -> ForwardResponse {
+    match o {
+        ForwardOutcome::Done(r) => ForwardResponse::Done(r),
+        ForwardOutcome::NotLeader(leader) => ForwardResponse::NotLeader { leader },
+        ForwardOutcome::Failed(m) => ForwardResponse::Failed(m),
+        ForwardOutcome::ReadIndex(i) => ForwardResponse::ReadIndex(i),
+    }
+}
+
+/// A running node.
+pub struct Daemon {
+    pub node: Arc<SyncNode<TransportNet>>,
+    pub api_addr: SocketAddr,
+    transport: TransportHandle,
+    shutdown: broadcast::Sender<()>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Daemon {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Daemon")
+            .field("node", &self.node.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Daemon {
+    pub async fn start(cfg: ClusterConfig, id: NodeId) -> Result<Daemon> {
+        let ncfg = cfg
+            .node(id)
+            .with_context(|| format!("node {id} is not in {}", cfg.source.display()))?
+            .clone();
+        let span = tracing::info_span!("node", id);
+        Self::start_inner(cfg, ncfg).instrument(span).await
+    }
+
+    async fn start_inner(cfg: ClusterConfig, ncfg: NodeConfig) -> Result<Daemon> {
+        let id = ncfg.id;
+        std::fs::create_dir_all(&ncfg.folder)
+            .with_context(|| format!("creating folder {}", ncfg.folder.display()))?;
+        let key = synod_transport::load_or_create_identity(&ncfg.data_dir)?;
+        let swept = fsutil::sweep_tmp(&ncfg.folder).context("sweeping leftover temp files")?;
+        if swept > 0 {
+            info!(swept, "removed temp files of an interrupted run");
+        }
+        let (log_store, sm) = open_stores(&ncfg.data_dir.join("raft"), &cfg.cluster)
+            .with_context(|| format!("opening the Raft state in {}", ncfg.data_dir.display()))?;
+        let view = sm.view();
+        let local = LocalState::open(&ncfg.data_dir.join("local"))?;
+        let staging = Staging::open(&ncfg.data_dir.join("staging"))
+            .with_context(|| format!("opening staging in {}", ncfg.data_dir.display()))?;
+        staging.sweep(Duration::from_secs(24 * 3600))?;
+
+        let members = configured_members(&cfg)?;
+        let services = Arc::new(NodeServices {
+            node: OnceLock::new(),
+            trees: Mutex::new(HashMap::new()),
+        });
+        let bootstrap = members
+            .iter()
+            .filter(|(m, _)| **m != id)
+            .map(|(_, info)| synod_transport::peer_of(info).map_err(anyhow::Error::from))
+            .collect::<Result<Vec<_>>>()?;
+        let tcfg = TransportConfig {
+            listen: vec![quic_addr(ncfg.address)],
+            bootstrap,
+            ..TransportConfig::default()
+        };
+        let (transport, transport_task) = start_transport(key, tcfg, services.clone())
+            .await
+            .with_context(|| format!("starting the transport on {}", ncfg.address))?;
+
+        let mut rcfg = synod_consensus::raft_config(&cfg.cluster)?;
+        rcfg.heartbeat_interval = cfg.timeouts.heartbeat.as_millis() as u64;
+        rcfg.election_timeout_min = cfg.timeouts.election_min.as_millis() as u64;
+        rcfg.election_timeout_max = cfg.timeouts.election_max.as_millis() as u64;
+        rcfg.snapshot_max_chunk_size = synod_transport::raft_network::max_snapshot_chunk_size();
+        let rcfg = Arc::new(rcfg.validate()?);
+        let network = P2pRaftNetwork::new(transport.clone(), id);
+        let raft = SynodRaft::new(id, rcfg, network, log_store, sm)
+            .await
+            .context("starting Raft")?;
+        transport.register_raft(raft.clone());
+
+        let params = match view.settings().ok().flatten() {
+            Some(s) => ChunkParams::new(s.chunk_min, s.chunk_avg, s.chunk_max)?,
+            None => ChunkParams::new(cfg.chunking.min, cfg.chunking.avg, cfg.chunking.max)?,
+        };
+        let metrics = Arc::new(Metrics::default());
+        let net = Arc::new(TransportNet {
+            handle: transport.clone(),
+            raft: raft.clone(),
+            configured: members.clone(),
+            metrics: metrics.clone(),
+        });
+        let client_id: u64 = rand::random();
+        let watermark = local.watermark()?;
+        let node = Arc::new(SyncNode {
+            id,
+            folder: ncfg.folder.clone(),
+            params,
+            replication: cfg.replication,
+            write_timeout: cfg.timeouts.write,
+            raft: raft.clone(),
+            reader: Reader::new(raft.clone(), view),
+            proposer: Proposer::spawn(raft.clone(), client_id, ProposerConfig::default()),
+            local,
+            staging,
+            net,
+            metrics,
+            uploads: Mutex::new(HashMap::new()),
+            watermark: watch::Sender::new(watermark),
+        });
+        if services.node.set(node.clone()).is_err() {
+            bail!("services initialized twice");
+        }
+
+        let (shutdown, _) = broadcast::channel(4);
+        let mut tasks = vec![transport_task];
+        tasks.push(tokio::spawn(
+            materializer::run(node.clone(), shutdown.subscribe()).in_current_span(),
+        ));
+        tasks.push(tokio::spawn(
+            follow_membership(
+                raft.clone(),
+                transport.clone(),
+                members.clone(),
+                shutdown.subscribe(),
+            )
+            .in_current_span(),
+        ));
+
+        let listener = tokio::net::TcpListener::bind(ncfg.api)
+            .await
+            .with_context(|| format!("binding the API to {}", ncfg.api))?;
+        let api_addr = listener.local_addr()?;
+        let state = Arc::new(ApiState {
+            node: node.clone(),
+            max_upload_bytes: cfg.max_upload_bytes,
+            initial_members: members,
+            settings: ClusterSettings {
+                chunk_min: cfg.chunking.min,
+                chunk_avg: cfg.chunking.avg,
+                chunk_max: cfg.chunking.max,
+                replication: cfg.replication,
+            },
+        });
+        let mut stop = shutdown.subscribe();
+        tasks.push(tokio::spawn(
+            async move {
+                let app = api::router(state);
+                let served = axum::serve(listener, app)
+                    .with_graceful_shutdown(async move {
+                        let _ = stop.recv().await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    warn!(cause = %e, "API server stopped");
+                }
+            }
+            .in_current_span(),
+        ));
+        info!(api = %api_addr, quic = %ncfg.address, peer = %transport.local_peer_id(), "node started");
+        Ok(Daemon {
+            node,
+            api_addr,
+            transport,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Stops the API, the engine, Raft and the transport, in that order.
+    pub async fn shutdown(self) -> Result<()> {
+        let _ = self.shutdown.send(());
+        if let Err(e) = self.node.raft.shutdown().await {
+            warn!(cause = %e, "raft shutdown");
+        }
+        self.transport.shutdown().await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.node.local.flush().await?;
+        info!("node stopped");
+        Ok(())
+    }
+}
+
+/// Keeps the transport's allow-list equal to the committed membership plus
+/// the configured bootstrap nodes.
+async fn follow_membership(
+    raft: SynodRaft,
+    transport: TransportHandle,
+    bootstrap: BTreeMap<NodeId, NodeInfo>,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let mut metrics = raft.metrics();
+    let mut last = None;
+    loop {
+        let membership = metrics.borrow().membership_config.clone();
+        if last.as_ref() != Some(&membership) {
+            let peers: Vec<PeerId> = membership
+                .membership()
+                .nodes()
+                .map(|(_, info)| info)
+                .chain(bootstrap.values())
+                .filter_map(|info| synod_transport::peer_of(info).ok().map(|(p, _)| p))
+                .collect();
+            if transport.set_allowed_peers(peers).await.is_err() {
+                return;
+            }
+            last = Some(membership);
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = shutdown.recv() => return,
+        }
+    }
+}
+
+/// Runs node `id` until SIGINT or SIGTERM.
+pub async fn run_until_signal(cfg: ClusterConfig, id: NodeId) -> Result<()> {
+    let daemon = Daemon::start(cfg, id).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("stopping");
+    daemon.shutdown().await
+}

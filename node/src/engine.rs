@@ -1,0 +1,540 @@
+//! The sync engine's core: one node's handles (Raft, stores, network) and the
+//! write path of DESIGN.md section 4 — content to a quorum first, then the
+//! commit.
+
+use std::collections::{BTreeSet, HashMap};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use synod_chunker::{ChunkParams, Manifest};
+use synod_consensus::{
+    Answer, Command, Consistency, Entry, EntryKind, Expect, NodeId, NsPath, ProposeError, Proposer,
+    Reader, Request, Response, SynodRaft,
+};
+use synod_merkle::Hash;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::error::NodeError;
+use crate::local::LocalState;
+use crate::metrics::Metrics;
+use crate::peers::{ForwardOutcome, PeerNet};
+use crate::staging::Staging;
+
+/// Most bytes of chunks in one push or fetch request.
+pub const BATCH_BYTES: usize = 1 << 20;
+/// Most chunks in one push or fetch request.
+pub const BATCH_CHUNKS: usize = 16;
+
+/// Everything one running node owns.
+pub struct SyncNode<N: PeerNet> {
+    pub id: NodeId,
+    pub folder: PathBuf,
+    pub params: ChunkParams,
+    /// Copies (this node included) a write needs before it is committed.
+    pub replication: u32,
+    pub write_timeout: Duration,
+    pub raft: SynodRaft,
+    pub reader: Reader,
+    pub proposer: Proposer,
+    pub local: LocalState,
+    pub staging: Staging,
+    pub net: Arc<N>,
+    pub metrics: Arc<Metrics>,
+    /// Uploads committed or being committed: root → temp file holding it.
+    pub(crate) uploads: Mutex<HashMap<Hash, PathBuf>>,
+    /// This node's materialized watermark.
+    pub(crate) watermark: watch::Sender<u64>,
+}
+
+impl<N: PeerNet> std::fmt::Debug for SyncNode<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncNode")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How the caller wants its write checked.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMeta {
+    pub expect: Expect,
+    pub mode: u32,
+    pub mtime_ns: i64,
+}
+
+impl<N: PeerNet> SyncNode<N> {
+    /// Voters and learners of the current membership, and the leader.
+    pub fn members(&self) -> (BTreeSet<NodeId>, BTreeSet<NodeId>, Option<NodeId>) {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let learners: BTreeSet<NodeId> = membership.learner_ids().collect();
+        (voters, learners, m.current_leader)
+    }
+
+    pub fn watch_watermark(&self) -> watch::Receiver<u64> {
+        self.watermark.subscribe()
+    }
+
+    /// The write path: `tmp` (a fsynced file under `.synod/tmp/`) becomes the
+    /// content of `path`. Answers the committed version only once the
+    /// content is durable on `replication` nodes and the `Put` committed.
+    pub async fn write_file(
+        &self,
+        path: &NsPath,
+        tmp: PathBuf,
+        meta: WriteMeta,
+    ) -> Result<u64, NodeError> {
+        let result = self.write_file_inner(path, &tmp, meta).await;
+        if result.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    async fn write_file_inner(
+        &self,
+        path: &NsPath,
+        tmp: &Path,
+        meta: WriteMeta,
+    ) -> Result<u64, NodeError> {
+        let params = self.params;
+        let file = tmp.to_owned();
+        let manifest =
+            tokio::task::spawn_blocking(move || synod_chunker::chunk_file(&file, params))
+                .await
+                .map_err(|e| NodeError::internal("chunking task", e))?
+                .map_err(|e| NodeError::internal("chunking the upload", e))?;
+        let root = manifest.root();
+        debug!(path = %path, root = %root.fmt_short(), chunks = manifest.chunk_count(), "upload chunked");
+        self.local
+            .put_manifest(&manifest)
+            .map_err(|e| NodeError::internal("storing the manifest", e))?;
+        let holders = tokio::time::timeout(self.write_timeout, self.replicate(&manifest, tmp))
+            .await
+            .map_err(|_| {
+                NodeError::Unavailable(format!(
+                    "content of {path} did not reach {} nodes within {:?}",
+                    self.replication, self.write_timeout
+                ))
+            })??;
+        self.uploads
+            .lock()
+            .expect("uploads lock poisoned")
+            .insert(root, tmp.to_owned());
+        let entry = Entry {
+            kind: EntryKind::File,
+            size: manifest.size(),
+            root,
+            mode: meta.mode,
+            mtime_ns: meta.mtime_ns,
+            version: 0,
+            origin: self.id,
+            holders,
+            tombstone: false,
+        };
+        let answer = self.propose(Command::put(path, entry, meta.expect)).await;
+        match self.answer_to_version(path, answer) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                self.uploads
+                    .lock()
+                    .expect("uploads lock poisoned")
+                    .remove(&root);
+                Err(e)
+            }
+        }
+    }
+
+    pub async fn delete(&self, path: &NsPath, expect: Expect) -> Result<u64, NodeError> {
+        let answer = self.propose(Command::delete(path, expect)).await;
+        self.answer_to_version(path, answer)
+    }
+
+    pub async fn rename(
+        &self,
+        from: &NsPath,
+        to: &NsPath,
+        expect_from: Expect,
+        expect_to: Expect,
+    ) -> Result<u64, NodeError> {
+        let answer = self
+            .propose(Command::rename(from, to, expect_from, expect_to))
+            .await;
+        self.answer_to_version(from, answer)
+    }
+
+    fn answer_to_version(
+        &self,
+        path: &NsPath,
+        answer: Result<Answer, NodeError>,
+    ) -> Result<u64, NodeError> {
+        match answer? {
+            Answer::Ok { version } => {
+                Metrics::add(&self.metrics.writes_committed, 1);
+                Ok(version)
+            }
+            Answer::Conflict { current } => {
+                Metrics::add(&self.metrics.writes_conflicted, 1);
+                Err(NodeError::Conflict {
+                    path: path.to_string(),
+                    current: current.map(Box::new),
+                })
+            }
+            Answer::Rejected { reason } => Err(NodeError::BadRequest(reason)),
+            other => Err(NodeError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Pushes the chunks each voter lacks until `replication` nodes (this
+    /// one included) hold them fsynced. Returns those nodes.
+    async fn replicate(&self, manifest: &Manifest, file: &Path) -> Result<Vec<NodeId>, NodeError> {
+        let mut holders = vec![self.id];
+        let need = (self.replication as usize).saturating_sub(1);
+        if need == 0 {
+            return Ok(holders);
+        }
+        let (voters, _, _) = self.members();
+        let peers: Vec<NodeId> = voters.into_iter().filter(|&p| p != self.id).collect();
+        let mut tasks: FuturesUnordered<_> = peers
+            .iter()
+            .map(|&peer| async move { (peer, self.push_missing(peer, manifest, file).await) })
+            .collect();
+        let mut failures = Vec::new();
+        while let Some((peer, result)) = tasks.next().await {
+            match result {
+                Ok(()) => {
+                    holders.push(peer);
+                    if holders.len() > need {
+                        return Ok(holders);
+                    }
+                }
+                Err(e) => {
+                    warn!(peer, cause = %e, "content push failed");
+                    failures.push(e.to_string());
+                }
+            }
+        }
+        Err(NodeError::Unavailable(format!(
+            "content reached {} of {} required nodes ({})",
+            holders.len(),
+            self.replication,
+            failures.join("; ")
+        )))
+    }
+
+    async fn push_missing(
+        &self,
+        peer: NodeId,
+        manifest: &Manifest,
+        file: &Path,
+    ) -> Result<(), NodeError> {
+        let mut seen = std::collections::HashSet::new();
+        let unique: Vec<Hash> = manifest.chunk_ids().filter(|id| seen.insert(*id)).collect();
+        let mut missing = BTreeSet::new();
+        for ids in unique.chunks(4096) {
+            let lacks = self
+                .net
+                .missing_chunks(peer, ids.to_vec())
+                .await
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+            missing.extend(lacks);
+        }
+        let refs: Vec<_> = {
+            let mut done = std::collections::HashSet::new();
+            manifest
+                .chunks()
+                .iter()
+                .filter(|c| missing.contains(&c.id) && done.insert(c.id))
+                .copied()
+                .collect()
+        };
+        let mut start = 0;
+        while start < refs.len() {
+            let mut end = start;
+            let mut bytes = 0usize;
+            while end < refs.len() && end - start < BATCH_CHUNKS && bytes < BATCH_BYTES {
+                bytes += refs[end].len as usize;
+                end += 1;
+            }
+            let batch = refs[start..end].to_vec();
+            let path = file.to_owned();
+            let chunks =
+                tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(Hash, Vec<u8>)>> {
+                    let f = std::fs::File::open(&path)?;
+                    batch
+                        .iter()
+                        .map(|c| {
+                            let mut buf = vec![0u8; c.len as usize];
+                            f.read_exact_at(&mut buf, c.offset)?;
+                            Ok((c.id, buf))
+                        })
+                        .collect()
+                })
+                .await
+                .map_err(|e| NodeError::internal("reading upload", e))?
+                .map_err(|e| NodeError::internal("reading upload", e))?;
+            self.net
+                .push_chunks(peer, chunks)
+                .await
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+            Metrics::add(&self.metrics.bytes_pushed, bytes as u64);
+            start = end;
+        }
+        // The chunks alone are not the file: their order must survive this
+        // node too.
+        self.net
+            .push_manifest(peer, crate::local::encode(manifest))
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        debug!(peer, pushed = refs.len(), "content replicated");
+        Ok(())
+    }
+
+    /// Commits `cmd` through the leader, wherever it is, retrying with the
+    /// same request id (so it applies at most once) until the write timeout.
+    pub async fn propose(&self, cmd: Command) -> Result<Answer, NodeError> {
+        let rid = self.proposer.next_request_id();
+        let deadline = Instant::now() + self.write_timeout;
+        let mut last_error = String::from("no leader elected");
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            match leader {
+                Some(l) if l == self.id => {
+                    match self.proposer.propose_with_id(rid, cmd.clone()).await {
+                        Ok(answer) => return Ok(answer),
+                        Err(e) => last_error = format!("{e}"),
+                    }
+                }
+                Some(l) => {
+                    let req = Request {
+                        commands: vec![(rid, cmd.clone())],
+                    };
+                    match self.net.forward(l, req).await {
+                        Ok(ForwardOutcome::Done(mut resp)) if resp.answers.len() == 1 => {
+                            return Ok(resp.answers.remove(0))
+                        }
+                        Ok(ForwardOutcome::Done(resp)) => {
+                            return Err(NodeError::Internal(format!(
+                                "leader sent {} answers for one command",
+                                resp.answers.len()
+                            )))
+                        }
+                        Ok(ForwardOutcome::NotLeader(_)) => {
+                            last_error = format!("node {l} is no longer the leader")
+                        }
+                        Ok(ForwardOutcome::Failed(m)) => last_error = m,
+                        Ok(ForwardOutcome::ReadIndex(_)) => {
+                            last_error = format!("node {l} answered a write with a read index")
+                        }
+                        Err(e) => last_error = e.to_string(),
+                    }
+                }
+                None => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Unavailable(format!(
+                    "write not committed within {:?}: {last_error}",
+                    self.write_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Serves a write forwarded by a follower: this node must lead.
+    pub async fn serve_forward(&self, req: Request) -> ForwardOutcome {
+        let answers = futures::future::join_all(
+            req.commands
+                .into_iter()
+                .map(|(rid, cmd)| self.proposer.propose_with_id(rid, cmd)),
+        )
+        .await;
+        let mut out = Vec::with_capacity(answers.len());
+        for a in answers {
+            match a {
+                Ok(answer) => out.push(answer),
+                Err(ProposeError::ForwardToLeader { leader_id, .. }) => {
+                    return ForwardOutcome::NotLeader(leader_id)
+                }
+                Err(e) => return ForwardOutcome::Failed(e.to_string()),
+            }
+        }
+        ForwardOutcome::Done(Response { answers: out })
+    }
+
+    /// Serves a follower's read-index request: this node must lead.
+    pub async fn serve_read_index(&self) -> ForwardOutcome {
+        match self.raft.ensure_linearizable().await {
+            Ok(log_id) => ForwardOutcome::ReadIndex(log_id.map_or(0, |l| l.index)),
+            Err(e) => match e.forward_to_leader() {
+                Some(f) => ForwardOutcome::NotLeader(f.leader_id),
+                None => ForwardOutcome::Failed(e.to_string()),
+            },
+        }
+    }
+
+    /// Makes the next local read linearizable: on the leader through its
+    /// read index; on a follower by asking the leader for its read index
+    /// and waiting until this node has applied that far.
+    pub async fn read_barrier(&self) -> Result<(), NodeError> {
+        let deadline = Instant::now() + self.write_timeout;
+        let mut last_error = String::from("no leader elected");
+        loop {
+            let leader = self.raft.metrics().borrow().current_leader;
+            let index = match leader {
+                Some(l) if l == self.id => match self.serve_read_index().await {
+                    ForwardOutcome::ReadIndex(i) => Some(i),
+                    other => {
+                        last_error = format!("{other:?}");
+                        None
+                    }
+                },
+                Some(l) => match self.net.read_index(l).await {
+                    Ok(ForwardOutcome::ReadIndex(i)) => Some(i),
+                    Ok(other) => {
+                        last_error = format!("leader {l}: {other:?}");
+                        None
+                    }
+                    Err(e) => {
+                        last_error = e.to_string();
+                        None
+                    }
+                },
+                None => None,
+            };
+            if let Some(i) = index {
+                let wait = self.reader.view().wait_applied(i);
+                if tokio::time::timeout_at(deadline, wait).await.is_ok() {
+                    return Ok(());
+                }
+                last_error = format!("this node did not apply up to read index {i}");
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Unavailable(format!(
+                    "linearizable read not possible within {:?}: {last_error}",
+                    self.write_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn read_entry(
+        &self,
+        path: &NsPath,
+        c: Consistency,
+    ) -> Result<Option<Entry>, NodeError> {
+        if c == Consistency::Linearizable {
+            self.read_barrier().await?;
+        }
+        self.reader
+            .view()
+            .get(path)
+            .map_err(|e| NodeError::internal(&format!("reading {path}"), e))
+    }
+
+    pub async fn list_prefix(
+        &self,
+        prefix: &str,
+        limit: usize,
+        c: Consistency,
+    ) -> Result<Vec<(NsPath, Entry)>, NodeError> {
+        if c == Consistency::Linearizable {
+            self.read_barrier().await?;
+        }
+        self.reader
+            .view()
+            .list_prefix(prefix, limit)
+            .map_err(|e| NodeError::internal("listing", e))
+    }
+
+    /// The local file holding `path` at `version` or later, once materialized.
+    pub async fn local_content(&self, path: &NsPath, version: u64) -> Result<PathBuf, NodeError> {
+        let mut wm = self.watch_watermark();
+        let wait = wm.wait_for(|&w| w >= version);
+        if tokio::time::timeout(self.write_timeout, wait)
+            .await
+            .is_err()
+        {
+            return Err(NodeError::Unavailable(format!(
+                "{path} version {version} is not on this node's disk yet"
+            )));
+        }
+        Ok(self.folder.join(path.as_str()))
+    }
+
+    /// Chunk bytes for a peer's fetch: staged, or read (and verified) from
+    /// the folder through the index.
+    pub fn serve_chunk(&self, id: &Hash) -> Option<Vec<u8>> {
+        if let Ok(Some(bytes)) = self.staging.get(id) {
+            return Some(bytes);
+        }
+        match self.local.index().read_chunk(&self.folder, id) {
+            Ok(bytes) => Some(bytes),
+            Err(e) => {
+                debug!(chunk = %id.fmt_short(), cause = %e, "chunk not served");
+                None
+            }
+        }
+    }
+
+    /// Which of `ids` this node holds neither staged nor in the folder.
+    pub fn lacking(&self, ids: &[Hash]) -> Vec<Hash> {
+        ids.iter()
+            .filter(|id| {
+                !self.staging.contains(id)
+                    && self
+                        .local
+                        .index()
+                        .locate(id)
+                        .map(|l| l.is_empty())
+                        .unwrap_or(true)
+            })
+            .copied()
+            .collect()
+    }
+
+    /// Stores pushed chunks durably after checking each against its id.
+    pub fn store_pushed(&self, chunks: &[(Hash, Vec<u8>)]) -> Result<(), String> {
+        for (id, bytes) in chunks {
+            if Hash::of(bytes) != *id {
+                Metrics::add(&self.metrics.chunks_rejected, 1);
+                return Err(format!("pushed chunk {id} does not match its bytes"));
+            }
+        }
+        for (id, bytes) in chunks {
+            self.staging
+                .put(id, bytes)
+                .map_err(|e| format!("staging chunk {id}: {e}"))?;
+            Metrics::add(&self.metrics.bytes_received_pushed, bytes.len() as u64);
+        }
+        self.staging
+            .sync_dir()
+            .map_err(|e| format!("fsync staging: {e}"))?;
+        Ok(())
+    }
+
+    /// Stores a manifest pushed by a writer, durably, after checking it
+    /// decodes into a consistent manifest.
+    pub async fn store_pushed_manifest(&self, bytes: &[u8]) -> Result<(), String> {
+        let manifest: Manifest =
+            crate::local::decode("pushed manifest", bytes).map_err(|e| e.to_string())?;
+        self.local
+            .put_manifest(&manifest)
+            .map_err(|e| format!("storing manifest: {e}"))?;
+        self.local
+            .flush()
+            .await
+            .map_err(|e| format!("flushing manifest: {e}"))
+    }
+
+    pub(crate) fn log_started(&self) {
+        info!(node = self.id, folder = %self.folder.display(), "sync engine started");
+    }
+}

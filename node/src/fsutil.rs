@@ -1,0 +1,73 @@
+//! Crash-safe file placement in the synced folder: temp file under
+//! `.synod/tmp/` on the same filesystem, fsync, rename, fsync the directory.
+
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Where temp files live inside the folder (never synced: `.synod/` is reserved).
+pub fn tmp_dir(folder: &Path) -> PathBuf {
+    folder.join(".synod").join("tmp")
+}
+
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    std::fs::File::open(dir)?.sync_all()
+}
+
+/// A fresh temp file path under the folder's temp dir.
+pub fn temp_path(folder: &Path, purpose: &str) -> io::Result<PathBuf> {
+    let dir = tmp_dir(folder);
+    std::fs::create_dir_all(&dir)?;
+    let n: u64 = rand::random();
+    Ok(dir.join(format!("{purpose}-{n:016x}")))
+}
+
+/// Renames the fsynced `tmp` over `target` (creating parents) and fsyncs the
+/// target's directory, so after a crash either the old or the new file is
+/// there, never a torn one.
+pub fn place(tmp: &Path, target: &Path) -> io::Result<()> {
+    let parent = target.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    std::fs::rename(tmp, target)?;
+    fsync_dir(parent)
+}
+
+/// Removes leftover temp files of an earlier run.
+pub fn sweep_tmp(folder: &Path) -> io::Result<usize> {
+    let dir = tmp_dir(folder);
+    let mut removed = 0;
+    match std::fs::read_dir(&dir) {
+        Ok(entries) => {
+            for entry in entries {
+                std::fs::remove_file(entry?.path())?;
+                removed += 1;
+            }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    Ok(removed)
+}
+
+/// (mtime in ns, inode) of a file, to notice edits behind our back.
+pub fn stamp(meta: &std::fs::Metadata) -> (i64, u64) {
+    (meta.mtime() * 1_000_000_000 + meta.mtime_nsec(), meta.ino())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn place_and_sweep() {
+        let dir = tempfile::tempdir().unwrap();
+        let tmp = temp_path(dir.path(), "t").unwrap();
+        std::fs::write(&tmp, b"x").unwrap();
+        place(&tmp, &dir.path().join("a/b/c.txt")).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("a/b/c.txt")).unwrap(), b"x");
+        let left = temp_path(dir.path(), "t").unwrap();
+        std::fs::write(&left, b"torn").unwrap();
+        assert_eq!(sweep_tmp(dir.path()).unwrap(), 1);
+        assert!(!left.exists());
+    }
+}

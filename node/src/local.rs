@@ -1,0 +1,204 @@
+//! What this node holds on its own disk: the record of every materialized
+//! file, the manifests it knows, the chunk index and its watermark. One sled
+//! database under the data dir, separate from the Raft state.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use synod_chunker::{ChunkIndex, Manifest};
+use synod_merkle::Hash;
+
+const FILES: &str = "local_files";
+const MANIFESTS: &str = "manifests";
+const META: &str = "local_meta";
+const WATERMARK: &[u8] = b"watermark";
+
+/// A file as this node last wrote it into the folder.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalFile {
+    /// Committed version the bytes on disk belong to.
+    pub version: u64,
+    pub root: Hash,
+    pub size: u64,
+    /// Modification time and inode seen right after we wrote it: a change
+    /// of either means someone edited the file behind our back.
+    pub mtime_ns: i64,
+    pub inode: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalStateError {
+    #[error("cannot open the local state at {}", path.display())]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: sled::Error,
+    },
+    #[error("local state storage failed")]
+    Storage(#[from] sled::Error),
+    #[error("chunk index failed")]
+    Index(#[from] synod_chunker::IndexError),
+    #[error("corrupt local state record for {what}: {message}")]
+    Corrupt { what: String, message: String },
+}
+
+/// The node-local database.
+#[derive(Debug, Clone)]
+pub struct LocalState {
+    db: sled::Db,
+    files: sled::Tree,
+    manifests: sled::Tree,
+    meta: sled::Tree,
+    index: ChunkIndex,
+}
+
+/// The encoding of local records and of manifests pushed between nodes.
+pub fn codec() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<{ 256 << 20 }>()
+}
+
+pub fn decode<T: serde::de::DeserializeOwned>(
+    what: &str,
+    bytes: &[u8],
+) -> Result<T, LocalStateError> {
+    match bincode::serde::decode_from_slice::<T, _>(bytes, codec()) {
+        Ok((v, used)) if used == bytes.len() => Ok(v),
+        Ok((_, used)) => Err(LocalStateError::Corrupt {
+            what: what.to_owned(),
+            message: format!("{} trailing bytes", bytes.len() - used),
+        }),
+        Err(e) => Err(LocalStateError::Corrupt {
+            what: what.to_owned(),
+            message: e.to_string(),
+        }),
+    }
+}
+
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    bincode::serde::encode_to_vec(v, codec()).expect("local records are small and serializable")
+}
+
+impl LocalState {
+    pub fn open(path: &Path) -> Result<LocalState, LocalStateError> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(64 << 20)
+            .open()
+            .map_err(|source| LocalStateError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Ok(LocalState {
+            files: db.open_tree(FILES)?,
+            manifests: db.open_tree(MANIFESTS)?,
+            meta: db.open_tree(META)?,
+            index: ChunkIndex::with_db(&db)?,
+            db,
+        })
+    }
+
+    pub fn index(&self) -> &ChunkIndex {
+        &self.index
+    }
+
+    pub fn file(&self, path: &str) -> Result<Option<LocalFile>, LocalStateError> {
+        match self.files.get(path.as_bytes())? {
+            Some(v) => Ok(Some(decode(path, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records that `path` now holds the content of `manifest` at `version`.
+    pub fn record_file(
+        &self,
+        path: &str,
+        file: &LocalFile,
+        manifest: &Manifest,
+    ) -> Result<(), LocalStateError> {
+        self.index.record_file(Path::new(path), manifest)?;
+        self.manifests
+            .insert(manifest.root().as_bytes(), encode(manifest))?;
+        self.files.insert(path.as_bytes(), encode(file))?;
+        Ok(())
+    }
+
+    pub fn forget_file(&self, path: &str) -> Result<(), LocalStateError> {
+        self.index.remove_file(Path::new(path))?;
+        self.files.remove(path.as_bytes())?;
+        Ok(())
+    }
+
+    pub fn put_manifest(&self, manifest: &Manifest) -> Result<(), LocalStateError> {
+        self.manifests
+            .insert(manifest.root().as_bytes(), encode(manifest))?;
+        Ok(())
+    }
+
+    pub fn manifest(&self, root: &Hash) -> Result<Option<Manifest>, LocalStateError> {
+        match self.manifests.get(root.as_bytes())? {
+            Some(v) => Ok(Some(decode(&format!("manifest {root}"), &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// All commits up to this log index are on disk.
+    pub fn watermark(&self) -> Result<u64, LocalStateError> {
+        match self.meta.get(WATERMARK)? {
+            Some(v) => {
+                let arr: [u8; 8] = v
+                    .as_ref()
+                    .try_into()
+                    .map_err(|_| LocalStateError::Corrupt {
+                        what: "watermark".into(),
+                        message: format!("{} bytes instead of 8", v.len()),
+                    })?;
+                Ok(u64::from_be_bytes(arr))
+            }
+            None => Ok(0),
+        }
+    }
+
+    pub fn set_watermark(&self, index: u64) -> Result<(), LocalStateError> {
+        self.meta.insert(WATERMARK, &index.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// Makes everything recorded so far durable.
+    pub async fn flush(&self) -> Result<(), LocalStateError> {
+        self.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synod_chunker::{chunk_slice, ChunkParams};
+
+    #[tokio::test]
+    async fn records_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = chunk_slice(&[7u8; 100_000], ChunkParams::default());
+        let f = LocalFile {
+            version: 9,
+            root: m.root(),
+            size: 100_000,
+            mtime_ns: 1,
+            inode: 2,
+        };
+        {
+            let st = LocalState::open(dir.path()).unwrap();
+            st.record_file("a/b.bin", &f, &m).unwrap();
+            st.set_watermark(9).unwrap();
+            st.flush().await.unwrap();
+        }
+        let st = LocalState::open(dir.path()).unwrap();
+        assert_eq!(st.file("a/b.bin").unwrap(), Some(f));
+        assert_eq!(st.manifest(&m.root()).unwrap(), Some(m.clone()));
+        assert_eq!(st.watermark().unwrap(), 9);
+        assert!(!st.index().locate(&m.chunks()[0].id).unwrap().is_empty());
+        st.forget_file("a/b.bin").unwrap();
+        assert_eq!(st.file("a/b.bin").unwrap(), None);
+    }
+}

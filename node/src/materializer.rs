@@ -1,0 +1,572 @@
+//! The materialize path (DESIGN.md section 5): follow the committed change
+//! feed and bring the folder to the committed namespace, fetching only the
+//! chunks this node lacks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use synod_chunker::Manifest;
+use synod_consensus::{Change, Entry, EntryKind, NodeId, NsPath};
+use synod_merkle::{diff_trees, Hash, MerkleTree, TreeSource};
+use tokio::sync::broadcast;
+use tracing::{debug, info, warn};
+
+use crate::engine::{SyncNode, BATCH_CHUNKS};
+use crate::fsutil;
+use crate::local::LocalFile;
+use crate::metrics::Metrics;
+use crate::peers::{PeerError, PeerNet};
+
+/// Changes read from the feed at once.
+const FEED_BATCH: usize = 1024;
+
+/// Why one entry could not be materialized (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum MaterializeError {
+    #[error("no peer could serve the manifest of {root}")]
+    NoManifest { root: Hash },
+    #[error("no peer could serve chunk {id}")]
+    ChunkUnavailable { id: Hash },
+    #[error("assembled content of {path} has root {got}, expected {expected}")]
+    RootMismatch {
+        path: String,
+        got: Hash,
+        expected: Hash,
+    },
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("local state: {0}")]
+    Local(String),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MaterializeError {
+    let context = context.into();
+    move |source| MaterializeError::Io { context, source }
+}
+
+/// Runs until `shutdown` fires.
+pub async fn run<N: PeerNet>(node: Arc<SyncNode<N>>, mut shutdown: broadcast::Receiver<()>) {
+    node.log_started();
+    let mut applied = node.reader.view().watch_applied();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match step(&node).await {
+            Ok(true) => {
+                backoff = Duration::from_millis(100);
+                continue;
+            }
+            Ok(false) => {
+                tokio::select! {
+                    _ = applied.changed() => {}
+                    _ = shutdown.recv() => return,
+                }
+            }
+            Err(e) => {
+                warn!(cause = %e, retry_in = ?backoff, "materialize failed; will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.recv() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// Materializes the next batch of changes. `Ok(false)` when caught up.
+async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeError> {
+    let wm = node
+        .local
+        .watermark()
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    let view = node.reader.view();
+    let applied = view.applied_index();
+    let mut changes = view
+        .changes_since(wm, FEED_BATCH)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    if changes.is_empty() {
+        if applied > wm {
+            set_watermark(node, applied).await?;
+        }
+        return Ok(false);
+    }
+    // One log entry can hold many commands (group commit): never split one
+    // version across two steps, or the watermark would skip its tail.
+    if changes.len() == FEED_BATCH {
+        let last = changes[changes.len() - 1].version;
+        if changes[0].version != last {
+            changes.retain(|c| c.version != last);
+        }
+    }
+    let through = if changes.len() < FEED_BATCH {
+        applied.max(changes[changes.len() - 1].version)
+    } else {
+        changes[changes.len() - 1].version
+    };
+    // Live entries first: a rename's target can then take the bytes of its
+    // source before the source's tombstone removes them.
+    let (live, dead): (Vec<Change>, Vec<Change>) =
+        changes.into_iter().partition(|c| c.entry.is_live());
+    for c in &live {
+        materialize_entry(node, &c.path, &c.entry).await?;
+    }
+    for c in &dead {
+        remove_entry(node, &c.path).await?;
+    }
+    set_watermark(node, through).await?;
+    Ok(true)
+}
+
+async fn set_watermark<N: PeerNet>(node: &SyncNode<N>, w: u64) -> Result<(), MaterializeError> {
+    node.local
+        .set_watermark(w)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    node.local
+        .flush()
+        .await
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    node.watermark.send_replace(w);
+    Ok(())
+}
+
+async fn materialize_entry<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+    entry: &Entry,
+) -> Result<(), MaterializeError> {
+    let target = node.folder.join(path.as_str());
+    match entry.kind {
+        EntryKind::Directory => {
+            return std::fs::create_dir_all(&target)
+                .map_err(io_err(format!("creating {}", target.display())));
+        }
+        EntryKind::Symlink => {
+            warn!(path = %path, "symlinks are not materialized yet");
+            return Ok(());
+        }
+        EntryKind::File => {}
+    }
+    let local = node
+        .local
+        .file(path.as_str())
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    if let Some(l) = &local {
+        if l.root == entry.root && on_disk_matches(&target, l) {
+            if l.version != entry.version {
+                let updated = LocalFile {
+                    version: entry.version,
+                    ..l.clone()
+                };
+                let manifest = node
+                    .local
+                    .manifest(&l.root)
+                    .map_err(|e| MaterializeError::Local(e.to_string()))?;
+                if let Some(m) = manifest {
+                    record(node, path, &updated, &m)?;
+                }
+            }
+            return Ok(());
+        }
+    }
+    preserve_local_edit(node, path, &target, local.as_ref())?;
+
+    // The uploader already holds the bytes in a temp file.
+    let upload = node
+        .uploads
+        .lock()
+        .expect("uploads lock poisoned")
+        .remove(&entry.root);
+    let (tmp, manifest) = match upload.filter(|p| p.exists()) {
+        Some(tmp) => {
+            let manifest = node
+                .local
+                .manifest(&entry.root)
+                .map_err(|e| MaterializeError::Local(e.to_string()))?
+                .ok_or(MaterializeError::NoManifest { root: entry.root })?;
+            (tmp, manifest)
+        }
+        None => assemble(node, path, entry, local.as_ref()).await?,
+    };
+    fsutil::place(&tmp, &target).map_err(io_err(format!("placing {}", target.display())))?;
+    let meta = std::fs::metadata(&target).map_err(io_err(format!("stat {}", target.display())))?;
+    let (mtime_ns, inode) = fsutil::stamp(&meta);
+    let file = LocalFile {
+        version: entry.version,
+        root: entry.root,
+        size: entry.size,
+        mtime_ns,
+        inode,
+    };
+    record(node, path, &file, &manifest)?;
+    for c in manifest.chunks() {
+        node.staging.remove(&c.id);
+    }
+    Metrics::add(&node.metrics.files_materialized, 1);
+    debug!(path = %path, version = entry.version, "materialized");
+    Ok(())
+}
+
+fn record<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &NsPath,
+    file: &LocalFile,
+    manifest: &Manifest,
+) -> Result<(), MaterializeError> {
+    node.local
+        .record_file(path.as_str(), file, manifest)
+        .map_err(|e| MaterializeError::Local(e.to_string()))
+}
+
+fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
+    match std::fs::metadata(target) {
+        Ok(meta) => meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode),
+        Err(_) => false,
+    }
+}
+
+/// A file at `target` that is not what this node last wrote there was edited
+/// behind synod's back: keep it under a conflict name rather than overwrite.
+fn preserve_local_edit<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &NsPath,
+    target: &std::path::Path,
+    local: Option<&LocalFile>,
+) -> Result<(), MaterializeError> {
+    let Ok(meta) = std::fs::symlink_metadata(target) else {
+        return Ok(());
+    };
+    if local.is_some_and(|l| meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode))
+    {
+        return Ok(());
+    }
+    let aside =
+        crate::conflict::conflict_name(path.as_str(), node.id, std::time::SystemTime::now());
+    let aside_path = node.folder.join(&aside);
+    warn!(path = %path, kept_as = %aside, "local file changed behind synod's back; kept beside the committed one");
+    fsutil::place(target, &aside_path).map_err(io_err(format!("keeping {}", target.display())))
+}
+
+/// Builds the new content in a temp file: manifest from a peer (diffed
+/// against the local old version), chunks from the staging area, the local
+/// folder, then peers.
+async fn assemble<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+    entry: &Entry,
+    local: Option<&LocalFile>,
+) -> Result<(PathBuf, Manifest), MaterializeError> {
+    let ids = manifest_ids(node, entry, local).await?;
+    let tmp =
+        fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
+    let mut out =
+        std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    let mut lens = Vec::with_capacity(ids.len());
+    let result = async {
+        for window in ids.chunks(BATCH_CHUNKS * 16) {
+            let chunks = gather(node, entry, window).await?;
+            for bytes in chunks {
+                out.write_all(&bytes)
+                    .map_err(io_err(format!("writing {}", tmp.display())))?;
+                lens.push(bytes.len() as u32);
+            }
+        }
+        out.sync_all()
+            .map_err(io_err(format!("fsync {}", tmp.display())))?;
+        let mut blob = Vec::with_capacity(ids.len() * 32);
+        for id in &ids {
+            blob.extend_from_slice(id.as_bytes());
+        }
+        let manifest =
+            Manifest::from_parts(node.params, entry.size, &blob, &lens).map_err(|_| {
+                MaterializeError::RootMismatch {
+                    path: path.to_string(),
+                    got: Hash::ZERO,
+                    expected: entry.root,
+                }
+            })?;
+        if manifest.root() != entry.root {
+            return Err(MaterializeError::RootMismatch {
+                path: path.to_string(),
+                got: manifest.root(),
+                expected: entry.root,
+            });
+        }
+        Ok(manifest)
+    }
+    .await;
+    match result {
+        Ok(m) => {
+            node.local
+                .put_manifest(&m)
+                .map_err(|e| MaterializeError::Local(e.to_string()))?;
+            Ok((tmp, m))
+        }
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Peers worth asking for `entry`'s content: its holders first, then the
+/// other members.
+fn sources<N: PeerNet>(node: &SyncNode<N>, entry: &Entry) -> Vec<NodeId> {
+    let (voters, learners, _) = node.members();
+    let mut out: Vec<NodeId> = entry
+        .holders
+        .iter()
+        .copied()
+        .filter(|&p| p != node.id)
+        .collect();
+    for p in voters.into_iter().chain(learners) {
+        if p != node.id && !out.contains(&p) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The chunk ids of `entry`'s content: known locally, or found by a Merkle
+/// diff of the peer's tree against the local old version's.
+async fn manifest_ids<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    entry: &Entry,
+    local: Option<&LocalFile>,
+) -> Result<Vec<Hash>, MaterializeError> {
+    if let Ok(Some(m)) = node.local.manifest(&entry.root) {
+        return Ok(m.chunk_ids().collect());
+    }
+    if entry.size == 0 {
+        return Ok(Vec::new());
+    }
+    let old_ids: Vec<Hash> = match local.map(|l| node.local.manifest(&l.root)) {
+        Some(Ok(Some(m))) => m.chunk_ids().collect(),
+        _ => Vec::new(),
+    };
+    let old_tree = MerkleTree::from_leaves(old_ids);
+    for peer in sources(node, entry) {
+        let net = node.net.clone();
+        let root = entry.root;
+        let tree = old_tree.clone();
+        let handle = tokio::runtime::Handle::current();
+        // diff_trees is synchronous; its source blocks on the network from a
+        // blocking thread, never from a runtime worker.
+        let result = tokio::task::spawn_blocking(move || {
+            let mut source = NetTreeSource {
+                net,
+                peer,
+                root,
+                handle,
+            };
+            diff_trees(&tree, &root, &mut source)
+        })
+        .await;
+        match result {
+            Ok(Ok(diff)) => {
+                let mut ids: Vec<Hash> = old_tree.leaves().to_vec();
+                ids.resize(diff.remote_leaf_count as usize, Hash::ZERO);
+                for (i, id) in diff.remote_leaves {
+                    ids[i as usize] = id;
+                }
+                return Ok(ids);
+            }
+            Ok(Err(e)) => debug!(peer, cause = %e, "manifest diff failed"),
+            Err(e) => debug!(peer, cause = %e, "manifest diff task failed"),
+        }
+    }
+    Err(MaterializeError::NoManifest { root: entry.root })
+}
+
+struct NetTreeSource<N> {
+    net: Arc<N>,
+    peer: NodeId,
+    root: Hash,
+    handle: tokio::runtime::Handle,
+}
+
+impl<N: PeerNet> TreeSource for NetTreeSource<N> {
+    type Error = PeerError;
+
+    fn top(&mut self) -> Result<(u64, Hash), PeerError> {
+        self.handle
+            .block_on(self.net.tree_top(self.peer, self.root))?
+            .ok_or_else(|| PeerError::new(self.peer, format!("does not have tree {}", self.root)))
+    }
+
+    fn nodes(&mut self, level: usize, range: Range<u64>) -> Result<Vec<Hash>, PeerError> {
+        // Large ranges go in slices the wire accepts.
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        let mut start = range.start;
+        while start < range.end {
+            let end = (start + 16_384).min(range.end);
+            out.extend(self.handle.block_on(self.net.tree_nodes(
+                self.peer,
+                self.root,
+                level as u32,
+                start..end,
+            ))?);
+            start = end;
+        }
+        Ok(out)
+    }
+}
+
+/// The bytes of `ids`, in order, each verified against its id.
+async fn gather<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    entry: &Entry,
+    ids: &[Hash],
+) -> Result<Vec<Vec<u8>>, MaterializeError> {
+    let mut found: HashMap<Hash, Vec<u8>> = HashMap::new();
+    let mut missing: Vec<Hash> = Vec::new();
+    for id in ids {
+        if found.contains_key(id) || missing.contains(id) {
+            continue;
+        }
+        match node.serve_chunk(id) {
+            Some(bytes) => {
+                Metrics::add(&node.metrics.chunks_local, 1);
+                found.insert(*id, bytes);
+            }
+            None => missing.push(*id),
+        }
+    }
+    if !missing.is_empty() {
+        fetch_from_peers(node, entry, missing, &mut found).await?;
+    }
+    ids.iter()
+        .map(|id| {
+            found
+                .get(id)
+                .cloned()
+                .ok_or(MaterializeError::ChunkUnavailable { id: *id })
+        })
+        .collect()
+}
+
+/// Splits `missing` across the peers that may hold them and fetches
+/// batches in parallel; every chunk is verified. A chunk a peer lacked is
+/// asked of the next peer; a peer that failed or sent wrong bytes is dropped
+/// for the rest of this transfer.
+async fn fetch_from_peers<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    entry: &Entry,
+    missing: Vec<Hash>,
+    found: &mut HashMap<Hash, Vec<u8>>,
+) -> Result<(), MaterializeError> {
+    let peers = sources(node, entry);
+    let mut todo: BTreeSet<Hash> = missing.into_iter().collect();
+    let mut dropped: BTreeSet<NodeId> = BTreeSet::new();
+    let mut tried: HashMap<Hash, BTreeSet<NodeId>> = HashMap::new();
+    loop {
+        // Each chunk goes to a live peer that has not been asked for it,
+        // spread round-robin so every peer gets a share.
+        let mut per_peer: BTreeMap<NodeId, Vec<Hash>> = BTreeMap::new();
+        for (k, id) in todo.iter().enumerate() {
+            let asked = tried.get(id);
+            let candidates: Vec<NodeId> = peers
+                .iter()
+                .copied()
+                .filter(|p| !dropped.contains(p) && !asked.is_some_and(|a| a.contains(p)))
+                .collect();
+            if let Some(&p) = candidates.get(k % candidates.len().max(1)) {
+                per_peer.entry(p).or_default().push(*id);
+            }
+        }
+        if per_peer.is_empty() {
+            break;
+        }
+        let requests: Vec<(NodeId, Vec<Hash>)> = per_peer
+            .into_iter()
+            .flat_map(|(p, ids)| {
+                ids.chunks(BATCH_CHUNKS)
+                    .map(|b| (p, b.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let results =
+            futures::future::join_all(requests.into_iter().map(|(peer, ids)| async move {
+                let result = node.net.fetch_chunks(peer, ids.clone()).await;
+                (peer, ids, result)
+            }))
+            .await;
+        for (peer, ids, result) in results {
+            for id in &ids {
+                tried.entry(*id).or_default().insert(peer);
+            }
+            match result {
+                Ok(chunks) => {
+                    for (id, bytes) in ids.iter().zip(chunks) {
+                        let Some(bytes) = bytes else { continue };
+                        if Hash::of(&bytes) != *id {
+                            Metrics::add(&node.metrics.chunks_rejected, 1);
+                            warn!(peer, chunk = %id.fmt_short(), "peer sent wrong bytes; dropped for this transfer");
+                            dropped.insert(peer);
+                            continue;
+                        }
+                        Metrics::add(&node.metrics.chunks_fetched, 1);
+                        Metrics::add(&node.metrics.bytes_fetched, bytes.len() as u64);
+                        todo.remove(id);
+                        found.insert(*id, bytes);
+                    }
+                }
+                Err(e) => {
+                    debug!(peer, cause = %e, "chunk fetch failed; peer dropped for this transfer");
+                    dropped.insert(peer);
+                }
+            }
+        }
+        if todo.is_empty() {
+            break;
+        }
+    }
+    match todo.into_iter().next() {
+        Some(id) => Err(MaterializeError::ChunkUnavailable { id }),
+        None => Ok(()),
+    }
+}
+
+async fn remove_entry<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+) -> Result<(), MaterializeError> {
+    let target = node.folder.join(path.as_str());
+    let local = node
+        .local
+        .file(path.as_str())
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    match std::fs::symlink_metadata(&target) {
+        Ok(meta) if meta.is_dir() => {
+            // Only empty directories go; files inside have their own entries.
+            let _ = std::fs::remove_dir(&target);
+        }
+        Ok(meta) => {
+            let ours = local.as_ref().is_some_and(|l| {
+                meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode)
+            });
+            if ours {
+                std::fs::remove_file(&target)
+                    .map_err(io_err(format!("removing {}", target.display())))?;
+                if let Some(parent) = target.parent() {
+                    fsutil::fsync_dir(parent).map_err(io_err("fsync after remove"))?;
+                }
+                Metrics::add(&node.metrics.files_removed, 1);
+            } else {
+                preserve_local_edit(node, path, &target, local.as_ref())?;
+            }
+        }
+        Err(_) => {}
+    }
+    node.local
+        .forget_file(path.as_str())
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    info!(path = %path, "removed");
+    Ok(())
+}

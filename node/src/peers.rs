@@ -1,0 +1,96 @@
+//! What the sync engine needs from the network, as a trait: the daemon
+//! implements it over the transport; unit tests over in-memory peers.
+
+use std::future::Future;
+use std::ops::Range;
+
+use synod_consensus::{NodeId, Request, Response};
+use synod_merkle::Hash;
+
+/// A failed exchange with one peer.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("peer {peer}: {message}")]
+pub struct PeerError {
+    pub peer: NodeId,
+    pub message: String,
+}
+
+impl PeerError {
+    pub fn new(peer: NodeId, message: impl std::fmt::Display) -> PeerError {
+        PeerError {
+            peer,
+            message: message.to_string(),
+        }
+    }
+}
+
+pub trait PeerNet: Send + Sync + 'static {
+    /// The chunks `ids` from `peer`, `None` for each it lacks. Bytes are
+    /// unverified: callers check every id.
+    fn fetch_chunks(
+        &self,
+        peer: NodeId,
+        ids: Vec<Hash>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, PeerError>> + Send;
+
+    /// Which of `ids` `peer` does not hold.
+    fn missing_chunks(
+        &self,
+        peer: NodeId,
+        ids: Vec<Hash>,
+    ) -> impl Future<Output = Result<Vec<Hash>, PeerError>> + Send;
+
+    /// Stores the chunks on `peer`, fsynced before it answers.
+    fn push_chunks(
+        &self,
+        peer: NodeId,
+        chunks: Vec<(Hash, Vec<u8>)>,
+    ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
+    /// Stores `manifest` on `peer`, durable before it answers.
+    fn push_manifest(
+        &self,
+        peer: NodeId,
+        manifest: Vec<u8>,
+    ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
+    /// Leaf count and top node of the manifest tree `root` on `peer`.
+    fn tree_top(
+        &self,
+        peer: NodeId,
+        root: Hash,
+    ) -> impl Future<Output = Result<Option<(u64, Hash)>, PeerError>> + Send;
+
+    /// Nodes of that tree (level 0: the chunk ids).
+    fn tree_nodes(
+        &self,
+        peer: NodeId,
+        root: Hash,
+        level: u32,
+        range: Range<u64>,
+    ) -> impl Future<Output = Result<Vec<Hash>, PeerError>> + Send;
+
+    /// The read index of the leader `peer` (see `ForwardOutcome::ReadIndex`).
+    fn read_index(
+        &self,
+        peer: NodeId,
+    ) -> impl Future<Output = Result<ForwardOutcome, PeerError>> + Send;
+
+    /// Hands a write to the leader `peer`.
+    fn forward(
+        &self,
+        peer: NodeId,
+        request: Request,
+    ) -> impl Future<Output = Result<ForwardOutcome, PeerError>> + Send;
+}
+
+/// What a forwarded write came back with.
+#[derive(Debug, Clone)]
+pub enum ForwardOutcome {
+    Done(Response),
+    NotLeader(Option<NodeId>),
+    Failed(String),
+    /// Leadership confirmed; applying up to this index makes a local read
+    /// linearizable.
+    ReadIndex(u64),
+}

@@ -1,0 +1,199 @@
+//! End-to-end tests: three real `synod` processes on loopback.
+
+mod common;
+
+use common::{random_bytes, TestCluster};
+
+#[test]
+fn a_put_appears_byte_identical_everywhere() {
+    let c = TestCluster::start(3);
+    let data = random_bytes(3_000_000, 1);
+    let r = c.client(1).put("docs/report.bin", &data[..], None).unwrap();
+    assert!(r["version"].as_u64().unwrap() > 0);
+    for id in 1..=3 {
+        c.must_see_file(id, "docs/report.bin", &data);
+    }
+    // Read back through another node's API.
+    let mut out = Vec::new();
+    c.client(3).cat("docs/report.bin", &mut out).unwrap();
+    assert_eq!(out, data);
+    // An empty file is a file too.
+    c.client(2).put("empty", &b""[..], None).unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "empty", b"");
+    }
+}
+
+#[test]
+fn an_edit_in_a_large_file_moves_only_changed_chunks() {
+    let c = TestCluster::start(3);
+    let mut data = random_bytes(64 << 20, 2);
+    c.client(1).put("big.bin", &data[..], None).unwrap();
+    for id in 2..=3 {
+        c.must_see_file(id, "big.bin", &data);
+    }
+    let before: Vec<u64> = (2..=3).map(|id| moved(&c, id)).collect();
+    // Overwrite 100 bytes in the middle.
+    let mid = data.len() / 2;
+    data[mid..mid + 100].copy_from_slice(&[0xAB; 100]);
+    c.client(1).put("big.bin", &data[..], None).unwrap();
+    for id in 2..=3 {
+        c.must_see_file(id, "big.bin", &data);
+    }
+    for (k, id) in (2..=3).enumerate() {
+        let delta = moved(&c, id) - before[k];
+        eprintln!("node {id} received {delta} bytes for a 100-byte edit of a 64 MiB file");
+        assert!(
+            delta < 1 << 20,
+            "node {id} received {delta} bytes, expected < 1 MiB"
+        );
+    }
+}
+
+/// Chunk bytes a node received, fetched or pushed.
+fn moved(c: &TestCluster, id: usize) -> u64 {
+    let m = c.metrics(id);
+    m["bytes_fetched"].as_u64().unwrap() + m["bytes_received_pushed"].as_u64().unwrap()
+}
+
+#[test]
+fn deletes_and_renames_propagate() {
+    let c = TestCluster::start(3);
+    let a = random_bytes(200_000, 3);
+    c.client(1).put("a.txt", &a[..], None).unwrap();
+    c.client(1).put("gone.txt", &b"bye"[..], None).unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "a.txt", &a);
+        c.must_see_file(id, "gone.txt", b"bye");
+    }
+    let fetched_before: Vec<u64> = (1..=3)
+        .map(|id| c.metrics(id)["bytes_fetched"].as_u64().unwrap())
+        .collect();
+    c.client(2).rename("a.txt", "dir/b.txt").unwrap();
+    c.client(3).delete("gone.txt", None).unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "dir/b.txt", &a);
+        c.must_not_see_file(id, "a.txt");
+        c.must_not_see_file(id, "gone.txt");
+    }
+    for id in 1..=3 {
+        let after = c.metrics(id)["bytes_fetched"].as_u64().unwrap();
+        assert_eq!(
+            after,
+            fetched_before[id - 1],
+            "node {id}: a rename moved bytes over the network"
+        );
+    }
+    let err = c.client(1).stat("gone.txt").unwrap_err();
+    assert_eq!(err.status(), Some(404));
+}
+
+#[test]
+fn concurrent_conditional_writes_have_one_winner() {
+    let c = TestCluster::start(3);
+    let r = c.client(1).put("shared.cfg", &b"v1"[..], None).unwrap();
+    let v = r["version"].as_u64().unwrap();
+    let (c2, c3) = (c.client(2), c.client(3));
+    let t2 = std::thread::spawn(move || c2.put("shared.cfg", &b"from node 2"[..], Some(v)));
+    let t3 = std::thread::spawn(move || c3.put("shared.cfg", &b"from node 3"[..], Some(v)));
+    let results = [t2.join().unwrap(), t3.join().unwrap()];
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let conflicts = results
+        .iter()
+        .filter(|r| matches!(r, Err(e) if e.status() == Some(409)))
+        .count();
+    assert_eq!((ok, conflicts), (1, 1), "results: {results:?}");
+    let winner: &[u8] = if results[0].is_ok() {
+        b"from node 2"
+    } else {
+        b"from node 3"
+    };
+    for id in 1..=3 {
+        c.must_see_file(id, "shared.cfg", winner);
+    }
+}
+
+#[test]
+fn bad_requests_get_json_errors_and_change_nothing() {
+    let c = TestCluster::start(3);
+    let client = c.client(1);
+    // Raw request lines, so no client normalizes the path first.
+    for bad in [
+        "..%2Fx",
+        "a/../x",
+        ".synod/x",
+        "a//b",
+        "a%00b",
+        "%2Fetc%2Fpasswd",
+        "x/..",
+    ] {
+        let (status, body) = raw_request(&c.apis[0], "PUT", &format!("/v1/files/{bad}"), b"x");
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("\"bad_path\""), "{bad}: {body}");
+    }
+    // Wrong If-Match on a new path and on an existing one.
+    let err = client.put("new.txt", &b"x"[..], Some(41)).unwrap_err();
+    assert_eq!(err.status(), Some(409), "{err}");
+    let v = client.put("new.txt", &b"x"[..], Some(0)).unwrap()["version"]
+        .as_u64()
+        .unwrap();
+    let err = client
+        .put("new.txt", &b"y"[..], Some(v + 1000))
+        .unwrap_err();
+    assert_eq!(err.status(), Some(409));
+    let err = client.put("new.txt", &b"y"[..], Some(0)).unwrap_err();
+    assert_eq!(err.status(), Some(409), "If-None-Match on an existing path");
+    // Oversized body: refused from its Content-Length, before any byte is read.
+    let (status, body) = raw_put_header_only(&c.apis[0], "huge.bin", 100_000_001);
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("\"too_large\""), "{body}");
+    // Unknown route.
+    let err = client.get_json("/v1/nope").unwrap_err();
+    assert_eq!(err.status(), Some(404));
+    let listing = client.list("").unwrap();
+    let paths: Vec<&str> = listing["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, vec!["new.txt"]);
+    let tmp_left = std::fs::read_dir(c.folder(1).join(".synod/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(tmp_left, 0, "rejected uploads leave no temp files");
+    assert!(!c.dir.path().join("x").exists());
+}
+
+/// Sends only the headers of a PUT claiming `len` bytes; returns the status
+/// and the whole answer.
+fn raw_put_header_only(api: &str, path: &str, len: u64) -> (u16, String) {
+    raw(api, &format!("PUT /v1/files/{path} HTTP/1.1\r\nHost: {api}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"), b"")
+}
+
+/// One HTTP/1.1 request with `body`, the target sent exactly as given.
+fn raw_request(api: &str, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {api}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    raw(api, &head, body)
+}
+
+fn raw(api: &str, head: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(api).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}

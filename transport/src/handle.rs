@@ -1,0 +1,500 @@
+//! `TransportHandle`: the cloneable front of a node's transport. Every call
+//! becomes a command to the swarm-driver task (bounded queue) and its answer
+//! comes back on a oneshot.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::ops::Range;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId};
+use synod_consensus::{Request, SynodRaft};
+use synod_merkle::Hash;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+
+use crate::driver::{Driver, RaftSlot};
+use crate::messages::{
+    ChunkData, ChunkProtocol, ChunkRequest, ChunkResponse, ForwardProtocol, ForwardRequest,
+    ForwardResponse, HashBlob, RaftProtocol, RaftRequest, RaftResponse, TreeProtocol, TreeRequest,
+    TreeResponse, WireProtocol, MAX_CHUNKS_PER_REQUEST, MAX_MISSING_QUERY, MAX_TREE_NODES,
+};
+use crate::metrics::TransportMetrics;
+use crate::services::Services;
+use crate::swarm::{build_swarm, SwarmError, TransportConfig};
+
+/// Capacity of the command queue to the driver.
+const COMMAND_QUEUE: usize = 1024;
+
+/// Why a request to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    #[error("peer {peer} is unreachable for {protocol}: {cause}")]
+    Unreachable {
+        peer: PeerId,
+        protocol: &'static str,
+        cause: String,
+    },
+    #[error("{protocol} request to peer {peer} timed out")]
+    Timeout {
+        peer: PeerId,
+        protocol: &'static str,
+    },
+    #[error("{protocol} request to peer {peer} failed: {cause}")]
+    Failed {
+        peer: PeerId,
+        protocol: &'static str,
+        cause: String,
+    },
+    #[error("peer {peer} refused the {protocol} request: {reason}")]
+    Refused {
+        peer: PeerId,
+        protocol: &'static str,
+        reason: String,
+    },
+    #[error("peer {peer} answered {protocol} wrongly: {what}")]
+    BadAnswer {
+        peer: PeerId,
+        protocol: &'static str,
+        what: String,
+    },
+    #[error("peer {peer} sent bytes that do not hash to chunk {id}")]
+    BadChunk { peer: PeerId, id: Hash },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("the transport is shut down")]
+    Shutdown,
+}
+
+/// A pending outbound request and where its answer goes.
+pub(crate) type Reply<P> = oneshot::Sender<Result<<P as WireProtocol>::Response, RequestError>>;
+
+/// What the handle asks of the driver.
+pub(crate) enum Command {
+    Raft(PeerId, RaftRequest, Reply<RaftProtocol>),
+    Tree(PeerId, TreeRequest, Reply<TreeProtocol>),
+    Chunks(PeerId, ChunkRequest, Reply<ChunkProtocol>),
+    Forward(PeerId, ForwardRequest, Reply<ForwardProtocol>),
+    AddAddress(PeerId, Multiaddr),
+    SetAllowed(HashSet<PeerId>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    Shutdown,
+}
+
+/// The cloneable front of a running transport.
+#[derive(Clone)]
+pub struct TransportHandle {
+    commands: mpsc::Sender<Command>,
+    local_peer_id: PeerId,
+    listen_addrs: Arc<Vec<Multiaddr>>,
+    metrics: Arc<TransportMetrics>,
+    raft: RaftSlot,
+    bulk: Arc<BulkSlots>,
+}
+
+/// Per-peer budget of chunk requests in flight. Chunk batches share the
+/// connection's QUIC flow-control window with Raft; keeping them well below
+/// it means a heartbeat never waits for window credit behind bulk data.
+#[derive(Debug)]
+struct BulkSlots {
+    per_peer: usize,
+    slots: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
+}
+
+impl BulkSlots {
+    async fn acquire(&self, peer: PeerId) -> Result<OwnedSemaphorePermit, RequestError> {
+        let sem = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots
+                .entry(peer)
+                .or_insert_with(|| Arc::new(Semaphore::new(self.per_peer)))
+                .clone()
+        };
+        sem.acquire_owned()
+            .await
+            .map_err(|_| RequestError::Shutdown)
+    }
+}
+
+impl fmt::Debug for TransportHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TransportHandle")
+            .field("peer", &self.local_peer_id)
+            .field("listen", &self.listen_addrs)
+            .finish()
+    }
+}
+
+/// Builds the swarm, starts listening, and spawns the driver task.
+///
+/// Returns once at least one listen address is up (so port 0 is resolved).
+pub async fn start_transport(
+    key: Keypair,
+    config: TransportConfig,
+    services: Arc<dyn Services>,
+) -> Result<(TransportHandle, JoinHandle<()>), SwarmError> {
+    let local_peer_id = key.public().to_peer_id();
+    let metrics = Arc::new(TransportMetrics::default());
+    let mut swarm = build_swarm(key, &config, &metrics.codec)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|source| SwarmError::Listen {
+                addr: addr.clone(),
+                source,
+            })?;
+    }
+    let mut listen_addrs = Vec::new();
+    let wait = Duration::from_secs(5);
+    while listen_addrs.len() < config.listen.len() {
+        use futures::StreamExt;
+        match tokio::time::timeout(wait, swarm.select_next_some()).await {
+            Ok(SwarmEvent::NewListenAddr { address, .. }) => listen_addrs.push(address),
+            Ok(_) => {}
+            Err(_) if !listen_addrs.is_empty() => break,
+            Err(_) => return Err(SwarmError::NoListenAddr(wait)),
+        }
+    }
+    for (peer, addr) in &config.bootstrap {
+        swarm.add_peer_address(*peer, addr.clone());
+    }
+    tracing::info!(peer = %local_peer_id, listen = ?listen_addrs, "transport started");
+    let raft: RaftSlot = Arc::new(RwLock::new(None));
+    let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+    let bulk = Arc::new(BulkSlots {
+        per_peer: config.chunk_requests_per_peer.max(1),
+        slots: Mutex::new(HashMap::new()),
+    });
+    let driver = Driver::new(swarm, rx, services, raft.clone(), metrics.clone(), &config);
+    let task = tokio::spawn(driver.run());
+    let handle = TransportHandle {
+        commands: tx,
+        local_peer_id,
+        listen_addrs: Arc::new(listen_addrs),
+        metrics,
+        raft,
+        bulk,
+    };
+    Ok((handle, task))
+}
+
+impl TransportHandle {
+    /// This node's peer id.
+    pub fn local_peer_id(&self) -> PeerId {
+        self.local_peer_id
+    }
+
+    /// The addresses this node listens on (port 0 resolved).
+    pub fn listen_addrs(&self) -> &[Multiaddr] {
+        &self.listen_addrs
+    }
+
+    /// Counters of rejected frames and misbehaving peers.
+    pub fn metrics(&self) -> &Arc<TransportMetrics> {
+        &self.metrics
+    }
+
+    /// Inbound Raft RPCs go to `raft` from now on.
+    pub fn register_raft(&self, raft: SynodRaft) {
+        let mut slot = self.raft.write().unwrap_or_else(|e| e.into_inner());
+        *slot = Some(raft);
+    }
+
+    /// Replaces the allow-list: only these peers may hold a connection
+    /// (typically the committed membership plus the bootstrap list).
+    /// Connections of peers that are no longer allowed are closed at once.
+    pub async fn set_allowed_peers(
+        &self,
+        peers: impl IntoIterator<Item = PeerId>,
+    ) -> Result<(), RequestError> {
+        self.send(Command::SetAllowed(peers.into_iter().collect()))
+            .await
+    }
+
+    /// Remembers an address of `peer` for dialling.
+    pub async fn add_peer_address(
+        &self,
+        peer: PeerId,
+        addr: Multiaddr,
+    ) -> Result<(), RequestError> {
+        self.send(Command::AddAddress(peer, addr)).await
+    }
+
+    /// Peers with an established connection.
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::ConnectedPeers(tx)).await?;
+        rx.await.map_err(|_| RequestError::Shutdown)
+    }
+
+    /// Stops the driver: the swarm and all its connections are dropped and
+    /// every pending request fails with [`RequestError::Shutdown`].
+    pub async fn shutdown(&self) {
+        let _ = self.commands.send(Command::Shutdown).await;
+    }
+
+    async fn send(&self, cmd: Command) -> Result<(), RequestError> {
+        self.commands
+            .send(cmd)
+            .await
+            .map_err(|_| RequestError::Shutdown)
+    }
+
+    async fn call<P: WireProtocol>(
+        &self,
+        make: impl FnOnce(Reply<P>) -> Command,
+    ) -> Result<P::Response, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        rx.await.map_err(|_| RequestError::Shutdown)?
+    }
+
+    /// Sends one Raft RPC to `peer`.
+    pub async fn raft_request(
+        &self,
+        peer: PeerId,
+        request: RaftRequest,
+    ) -> Result<RaftResponse, RequestError> {
+        self.call::<RaftProtocol>(|tx| Command::Raft(peer, request, tx))
+            .await
+    }
+
+    /// Forwards a client write to `leader` and returns its answer.
+    /// Asks `leader` for its read index.
+    pub async fn read_index(&self, leader: PeerId) -> Result<ForwardResponse, RequestError> {
+        self.call::<ForwardProtocol>(|tx| Command::Forward(leader, ForwardRequest::ReadIndex, tx))
+            .await
+    }
+
+    pub async fn forward_write(
+        &self,
+        leader: PeerId,
+        request: Request,
+    ) -> Result<ForwardResponse, RequestError> {
+        self.call::<ForwardProtocol>(|tx| {
+            Command::Forward(leader, ForwardRequest::Write(request), tx)
+        })
+        .await
+    }
+
+    /// The leaf count and top node of `peer`'s tree `root`.
+    pub async fn tree_top(&self, peer: PeerId, root: Hash) -> Result<(u64, Hash), RequestError> {
+        let resp = self
+            .call::<TreeProtocol>(|tx| Command::Tree(peer, TreeRequest::Top { root }, tx))
+            .await?;
+        match resp {
+            TreeResponse::Top { leaf_count, top } => Ok((leaf_count, top)),
+            other => Err(tree_refusal(peer, root, other)),
+        }
+    }
+
+    /// Nodes `range` of `level` of `peer`'s tree `root`, in requests of at
+    /// most [`MAX_TREE_NODES`] nodes.
+    pub async fn tree_nodes(
+        &self,
+        peer: PeerId,
+        root: Hash,
+        level: usize,
+        range: Range<u64>,
+    ) -> Result<Vec<Hash>, RequestError> {
+        let level32 = u32::try_from(level)
+            .map_err(|_| RequestError::Invalid(format!("tree level {level}")))?;
+        let mut out = Vec::with_capacity(
+            (range.end.saturating_sub(range.start)).min(MAX_TREE_NODES) as usize,
+        );
+        let mut start = range.start;
+        while start < range.end {
+            let end = range.end.min(start + MAX_TREE_NODES);
+            let req = TreeRequest::Nodes {
+                root,
+                level: level32,
+                start,
+                end,
+            };
+            let resp = self
+                .call::<TreeProtocol>(|tx| Command::Tree(peer, req, tx))
+                .await?;
+            let TreeResponse::Nodes(blob) = resp else {
+                return Err(tree_refusal(peer, root, resp));
+            };
+            let nodes = blob.to_hashes().ok_or_else(|| RequestError::BadAnswer {
+                peer,
+                protocol: TreeProtocol::NAME,
+                what: "node list is not a whole number of hashes".into(),
+            })?;
+            let got = nodes.len() as u64;
+            out.extend(nodes);
+            if got < end - start {
+                break; // the tree ends here; diff_trees checks the count
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Fetches a batch of chunks from `peer`; `None` for those it lacks.
+    ///
+    /// Every chunk is checked against its BLAKE3 id: one wrong chunk
+    /// discards the whole answer and reports the peer.
+    pub async fn fetch_chunks(
+        &self,
+        peer: PeerId,
+        ids: &[Hash],
+    ) -> Result<Vec<Option<Vec<u8>>>, RequestError> {
+        if ids.len() > MAX_CHUNKS_PER_REQUEST {
+            return Err(RequestError::Invalid(format!(
+                "{} chunk ids in one fetch, at most {MAX_CHUNKS_PER_REQUEST}",
+                ids.len()
+            )));
+        }
+        let req = ChunkRequest::Fetch(HashBlob::from_hashes(ids));
+        let _slot = self.bulk.acquire(peer).await?;
+        let resp = self
+            .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+            .await?;
+        let chunks = match resp {
+            ChunkResponse::Fetched(chunks) => chunks,
+            ChunkResponse::Refused(reason) => {
+                return Err(RequestError::Refused {
+                    peer,
+                    protocol: ChunkProtocol::NAME,
+                    reason,
+                })
+            }
+            ChunkResponse::Stored | ChunkResponse::Missing(_) => {
+                return Err(self.bad_answer(peer, "answered a fetch with no chunks".into()))
+            }
+        };
+        if chunks.len() != ids.len() {
+            let what = format!("{} chunks for {} ids", chunks.len(), ids.len());
+            return Err(self.bad_answer(peer, what));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, chunk) in ids.iter().zip(chunks) {
+            if let Some(bytes) = &chunk.0 {
+                if Hash::of(bytes) != *id {
+                    self.metrics
+                        .report_peer(peer, "chunk bytes do not match id");
+                    tracing::warn!(%peer, chunk = %id.fmt_short(), "peer sent a corrupt chunk; answer discarded");
+                    return Err(RequestError::BadChunk { peer, id: *id });
+                }
+            }
+            out.push(chunk.0);
+        }
+        Ok(out)
+    }
+
+    /// Pushes an encoded file manifest to `peer`, which answers once it is
+    /// durable there.
+    pub async fn push_manifest(&self, peer: PeerId, manifest: Vec<u8>) -> Result<(), RequestError> {
+        let req = ChunkRequest::PushManifest(manifest);
+        match self
+            .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+            .await?
+        {
+            ChunkResponse::Stored => Ok(()),
+            ChunkResponse::Refused(reason) => Err(RequestError::Refused {
+                peer,
+                protocol: ChunkProtocol::NAME,
+                reason,
+            }),
+            _ => Err(self.bad_answer(peer, "answered a manifest push with something else".into())),
+        }
+    }
+
+    /// Which of `ids` `peer` lacks, asked in queries of at most
+    /// [`MAX_MISSING_QUERY`] ids.
+    pub async fn missing_chunks(
+        &self,
+        peer: PeerId,
+        ids: &[Hash],
+    ) -> Result<Vec<Hash>, RequestError> {
+        let mut out = Vec::new();
+        for part in ids.chunks(MAX_MISSING_QUERY) {
+            let req = ChunkRequest::Missing(HashBlob::from_hashes(part));
+            match self
+                .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+                .await?
+            {
+                ChunkResponse::Missing(blob) => {
+                    let missing = blob.to_hashes().ok_or_else(|| {
+                        self.bad_answer(peer, "missing list is not a whole number of hashes".into())
+                    })?;
+                    if missing.iter().any(|m| !part.contains(m)) {
+                        return Err(
+                            self.bad_answer(peer, "named a chunk that was not asked".into())
+                        );
+                    }
+                    out.extend(missing);
+                }
+                ChunkResponse::Refused(reason) => {
+                    return Err(RequestError::Refused {
+                        peer,
+                        protocol: ChunkProtocol::NAME,
+                        reason,
+                    })
+                }
+                _ => {
+                    return Err(self.bad_answer(peer, "answered a query with something else".into()))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pushes chunks to `peer`, which answers once they are durable there.
+    pub async fn push_chunks(
+        &self,
+        peer: PeerId,
+        chunks: Vec<ChunkData>,
+    ) -> Result<(), RequestError> {
+        let req = ChunkRequest::Push(chunks);
+        let _slot = self.bulk.acquire(peer).await?;
+        match self
+            .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+            .await?
+        {
+            ChunkResponse::Stored => Ok(()),
+            ChunkResponse::Refused(reason) => Err(RequestError::Refused {
+                peer,
+                protocol: ChunkProtocol::NAME,
+                reason,
+            }),
+            ChunkResponse::Fetched(_) | ChunkResponse::Missing(_) => {
+                Err(self.bad_answer(peer, "answered a push with something else".into()))
+            }
+        }
+    }
+
+    fn bad_answer(&self, peer: PeerId, what: String) -> RequestError {
+        self.metrics.report_peer(peer, "bad chunk answer");
+        RequestError::BadAnswer {
+            peer,
+            protocol: ChunkProtocol::NAME,
+            what,
+        }
+    }
+}
+
+fn tree_refusal(peer: PeerId, root: Hash, resp: TreeResponse) -> RequestError {
+    let reason = match resp {
+        TreeResponse::NotFound => format!("tree {} not found", root.fmt_short()),
+        TreeResponse::Refused(reason) => reason,
+        other => {
+            return RequestError::BadAnswer {
+                peer,
+                protocol: TreeProtocol::NAME,
+                what: format!("unexpected answer {other:?}"),
+            }
+        }
+    };
+    RequestError::Refused {
+        peer,
+        protocol: TreeProtocol::NAME,
+        reason,
+    }
+}

@@ -1,0 +1,120 @@
+use std::time::Duration;
+
+use synod_merkle::Hash;
+use synod_transport::{ChunkData, RequestError};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn fetched_chunks_are_verified_and_a_lying_peer_is_reported() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let b = must_start_node(local_config()).await;
+    must_mesh(&[&a, &b]).await;
+    let ids: Vec<Hash> = (0..20u8)
+        .map(|i| a.services.add_chunk(vec![i; 70_000]))
+        .collect();
+    let missing = Hash::of(b"nobody has this");
+
+    tracing::info!("--- honest fetch");
+    let mut ask = ids.clone();
+    ask.push(missing);
+    let got = b.handle.fetch_chunks(a.peer, &ask).await.unwrap();
+    assert_eq!(got.len(), 21);
+    for (i, c) in got[..20].iter().enumerate() {
+        assert_eq!(c.as_deref(), Some(&vec![i as u8; 70_000][..]));
+    }
+    assert_eq!(got[20], None);
+
+    tracing::info!("--- the peer starts lying");
+    *a.services.corrupt.lock().unwrap() = true;
+    let err = b.handle.fetch_chunks(a.peer, &ids).await.unwrap_err();
+    assert!(
+        matches!(err, RequestError::BadChunk { peer, id } if peer == a.peer && id == ids[0]),
+        "{err}"
+    );
+    assert_eq!(b.handle.metrics().reports_of(&a.peer), 1);
+
+    tracing::info!("--- honest again: the connection still serves");
+    *a.services.corrupt.lock().unwrap() = false;
+    let got = tokio::time::timeout(
+        Duration::from_secs(10),
+        b.handle.fetch_chunks(a.peer, &ids[..3]),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(got.iter().all(Option::is_some));
+}
+
+#[tokio::test]
+async fn pushed_chunks_with_wrong_bytes_are_refused() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let b = must_start_node(local_config()).await;
+    must_mesh(&[&a, &b]).await;
+
+    let good = ChunkData {
+        id: Hash::of(b"good"),
+        bytes: b"good".to_vec(),
+    };
+    let bad = ChunkData {
+        id: Hash::of(b"claimed"),
+        bytes: b"actual".to_vec(),
+    };
+    let err = b
+        .handle
+        .push_chunks(a.peer, vec![good.clone(), bad.clone()])
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RequestError::Refused { .. }), "{err}");
+    assert!(err.to_string().contains(&bad.id.to_string()), "{err}");
+    assert_eq!(
+        *a.services.stored.lock().unwrap(),
+        0,
+        "nothing of a bad batch is stored"
+    );
+    assert_eq!(a.handle.metrics().reports_of(&b.peer), 1);
+
+    b.handle
+        .push_chunks(a.peer, vec![good.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        a.services.chunks.lock().unwrap().get(&good.id),
+        Some(&good.bytes)
+    );
+}
+
+#[tokio::test]
+async fn oversized_fetch_is_refused_locally() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let ids = vec![Hash::ZERO; synod_transport::messages::MAX_CHUNKS_PER_REQUEST + 1];
+    let err = a.handle.fetch_chunks(a.peer, &ids).await.unwrap_err();
+    assert!(matches!(err, RequestError::Invalid(_)), "{err}");
+}
+
+#[tokio::test]
+async fn a_peer_answers_which_chunks_it_lacks() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let b = must_start_node(local_config()).await;
+    must_mesh(&[&a, &b]).await;
+    let held = b.services.add_chunk(vec![1u8; 1000]);
+    let absent = Hash::of(b"absent");
+    let missing = a
+        .handle
+        .missing_chunks(b.handle.local_peer_id(), &[held, absent])
+        .await
+        .unwrap();
+    assert_eq!(missing, vec![absent]);
+    a.handle
+        .push_manifest(b.handle.local_peer_id(), b"manifest bytes".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(
+        *b.services.manifests.lock().unwrap(),
+        vec![b"manifest bytes".to_vec()]
+    );
+}

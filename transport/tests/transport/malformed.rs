@@ -1,0 +1,168 @@
+use std::io;
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::StreamProtocol;
+use synod_transport::messages::{
+    ChunkProtocol, ForwardProtocol, RaftProtocol, TreeProtocol, WireProtocol,
+};
+
+use crate::common::*;
+
+/// Sends raw bytes as a request and reads whatever comes back.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+impl request_response::Codec for RawCodec {
+    type Protocol = StreamProtocol;
+    type Request = Vec<u8>;
+    type Response = Vec<u8>;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+    ) -> io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
+        io.take(1 << 20).read_to_end(&mut buf).await?;
+        if buf.is_empty() {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        Ok(buf)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        io: &mut T,
+        req: Vec<u8>,
+    ) -> io::Result<()> {
+        io.write_all(&req).await?;
+        io.close().await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(
+        &mut self,
+        _: &StreamProtocol,
+        _: &mut T,
+        _: Vec<u8>,
+    ) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+}
+
+#[derive(NetworkBehaviour)]
+struct RawPeer {
+    raft: request_response::Behaviour<RawCodec>,
+    tree: request_response::Behaviour<RawCodec>,
+    chunks: request_response::Behaviour<RawCodec>,
+    forward: request_response::Behaviour<RawCodec>,
+}
+
+fn raw(name: &'static str) -> request_response::Behaviour<RawCodec> {
+    request_response::Behaviour::new(
+        [(StreamProtocol::new(name), ProtocolSupport::Outbound)],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(5)),
+    )
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_end_the_request_and_are_counted() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let member = must_start_node(local_config()).await;
+    must_mesh(&[&a, &member]).await;
+    let id = a.services.add_chunk(b"still here".to_vec());
+
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| RawPeer {
+            raft: raw(RaftProtocol::NAME),
+            tree: raw(TreeProtocol::NAME),
+            chunks: raw(ChunkProtocol::NAME),
+            forward: raw(ForwardProtocol::NAME),
+        })
+        .unwrap()
+        .build();
+    // A member with a bug, not a stranger: it is allowed.
+    a.handle
+        .set_allowed_peers([member.peer, *swarm.local_peer_id()])
+        .await
+        .unwrap();
+
+    let garbage = vec![0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff];
+    let oversized = vec![0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5];
+    // Honest header, body claiming a 2^60-byte chunk list.
+    let mut claim = vec![0, 0, 0, 10, 0x01, 0xfd];
+    claim.extend_from_slice(&(1u64 << 60).to_le_bytes());
+    let before = a.handle.metrics().codec.snapshot();
+    let mut ids = Vec::new();
+    let addrs = vec![a.addr.clone()];
+    let b = swarm.behaviour_mut();
+    for frame in [&garbage, &oversized] {
+        ids.push(
+            b.raft
+                .send_request_with_addresses(&a.peer, frame.clone(), addrs.clone()),
+        );
+        ids.push(
+            b.tree
+                .send_request_with_addresses(&a.peer, frame.clone(), addrs.clone()),
+        );
+        ids.push(
+            b.chunks
+                .send_request_with_addresses(&a.peer, frame.clone(), addrs.clone()),
+        );
+        ids.push(
+            b.forward
+                .send_request_with_addresses(&a.peer, frame.clone(), addrs.clone()),
+        );
+    }
+    ids.push(
+        b.chunks
+            .send_request_with_addresses(&a.peer, claim, addrs.clone()),
+    );
+
+    let mut failed = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while failed < ids.len() {
+        let ev = tokio::time::timeout_at(deadline, swarm.select_next_some())
+            .await
+            .expect("every raw request ends");
+        let outcome = match ev {
+            SwarmEvent::Behaviour(RawPeerEvent::Raft(e))
+            | SwarmEvent::Behaviour(RawPeerEvent::Tree(e))
+            | SwarmEvent::Behaviour(RawPeerEvent::Chunks(e))
+            | SwarmEvent::Behaviour(RawPeerEvent::Forward(e)) => e,
+            _ => continue,
+        };
+        match outcome {
+            request_response::Event::OutboundFailure { error, .. } => {
+                tracing::info!(cause = %error, "raw request ended with an error");
+                failed += 1;
+            }
+            request_response::Event::Message { message, .. } => {
+                panic!("a malformed request got an answer: {message:?}")
+            }
+            _ => {}
+        }
+    }
+
+    let after = a.handle.metrics().codec.snapshot();
+    assert_eq!(after.oversized - before.oversized, 4, "{after:?}");
+    assert_eq!(after.malformed - before.malformed, 5, "{after:?}");
+
+    tracing::info!("--- the node keeps serving its members");
+    let got = member.handle.fetch_chunks(a.peer, &[id]).await.unwrap();
+    assert_eq!(got, vec![Some(b"still here".to_vec())]);
+}
