@@ -243,15 +243,12 @@ async fn get_file<N: PeerNet>(
             "{path} is not a regular file"
         )));
     }
-    let local = s.node.local_content(&path, entry.version).await?;
-    let file = tokio::fs::File::open(&local)
-        .await
-        .map_err(|e| NodeError::internal(&format!("opening {}", local.display()), e))?;
+    let (file, held) = s.node.open_content(&path, entry.version).await?;
     let stream = tokio_util::io::ReaderStream::new(file);
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-            (header::ETAG, format!("\"{}\"", entry.version)),
+            (header::ETAG, format!("\"{}\"", held.version)),
         ],
         Body::from_stream(stream),
     )

@@ -470,7 +470,7 @@ impl Daemon {
             staging,
             net,
             metrics,
-            uploads: Mutex::new(HashMap::new()),
+            uploads: Arc::new(Mutex::new(HashMap::new())),
             watermark: watch::Sender::new(watermark),
         });
         if services.node.set(node.clone()).is_err() {

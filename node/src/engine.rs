@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::error::NodeError;
-use crate::local::LocalState;
+use crate::local::{LocalFile, LocalState};
 use crate::metrics::Metrics;
 use crate::peers::{ForwardOutcome, PeerNet};
 use crate::staging::Staging;
@@ -46,7 +46,7 @@ pub struct SyncNode<N: PeerNet> {
     pub net: Arc<N>,
     pub metrics: Arc<Metrics>,
     /// Uploads committed or being committed: root → temp file holding it.
-    pub(crate) uploads: Mutex<HashMap<Hash, PathBuf>>,
+    pub(crate) uploads: Arc<Mutex<HashMap<Hash, PathBuf>>>,
     /// This node's materialized watermark.
     pub(crate) watermark: watch::Sender<u64>,
 }
@@ -140,7 +140,22 @@ impl<N: PeerNet> SyncNode<N> {
         };
         let answer = self.propose(Command::put(path, entry, meta.expect)).await;
         match self.answer_to_version(path, answer) {
-            Ok(v) => Ok(v),
+            Ok(v) => {
+                // The materializer normally takes the temp file; if a newer
+                // version of the path overtook it, nothing will: drop it
+                // once this node has materialized past `v`.
+                let uploads = self.uploads.clone();
+                let mut wm = self.watch_watermark();
+                let limit = self.write_timeout * 4;
+                tokio::spawn(async move {
+                    let _ = tokio::time::timeout(limit, wm.wait_for(|&w| w >= v)).await;
+                    let left = uploads.lock().expect("uploads lock poisoned").remove(&root);
+                    if let Some(tmp) = left {
+                        let _ = std::fs::remove_file(tmp);
+                    }
+                });
+                Ok(v)
+            }
             Err(e) => {
                 self.uploads
                     .lock()
@@ -454,11 +469,18 @@ impl<N: PeerNet> SyncNode<N> {
             .map_err(|e| NodeError::internal("listing", e))
     }
 
-    /// The local file holding `path` at `version` or later, once materialized.
-    pub async fn local_content(&self, path: &NsPath, version: u64) -> Result<PathBuf, NodeError> {
+    /// The local file of `path` at `version` or a later committed version,
+    /// opened, with the record of which version it holds. The record is read
+    /// before and after opening and must name the opened inode, so the bytes
+    /// served always belong to the version reported with them.
+    pub async fn open_content(
+        &self,
+        path: &NsPath,
+        version: u64,
+    ) -> Result<(tokio::fs::File, LocalFile), NodeError> {
+        let deadline = Instant::now() + self.write_timeout;
         let mut wm = self.watch_watermark();
-        let wait = wm.wait_for(|&w| w >= version);
-        if tokio::time::timeout(self.write_timeout, wait)
+        if tokio::time::timeout_at(deadline, wm.wait_for(|&w| w >= version))
             .await
             .is_err()
         {
@@ -466,7 +488,36 @@ impl<N: PeerNet> SyncNode<N> {
                 "{path} version {version} is not on this node's disk yet"
             )));
         }
-        Ok(self.folder.join(path.as_str()))
+        let target = self.folder.join(path.as_str());
+        let record = || {
+            self.local
+                .file(path.as_str())
+                .map_err(|e| NodeError::internal(&format!("local record of {path}"), e))
+        };
+        loop {
+            if let Some(before) = record()?.filter(|r| r.version >= version) {
+                if let Ok(file) = tokio::fs::File::open(&target).await {
+                    let meta = file
+                        .metadata()
+                        .await
+                        .map_err(|e| NodeError::internal(&format!("stat {path}"), e))?;
+                    let (_, inode) = crate::fsutil::stamp(&meta);
+                    let after = record()?;
+                    if after.as_ref() == Some(&before)
+                        && inode == before.inode
+                        && meta.len() == before.size
+                    {
+                        return Ok((file, before));
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(NodeError::Unavailable(format!(
+                    "{path} version {version} is not on this node's disk"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Chunk bytes for a peer's fetch: staged, or read (and verified) from

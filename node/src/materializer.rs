@@ -178,12 +178,17 @@ async fn materialize_entry<N: PeerNet>(
     preserve_local_edit(node, path, &target, local.as_ref())?;
 
     // The uploader already holds the bytes in a temp file.
+    // Left in the map until placed: if anything below fails, the upload's
+    // cleanup (or the next attempt) still finds it.
     let upload = node
         .uploads
         .lock()
         .expect("uploads lock poisoned")
-        .remove(&entry.root);
-    let (tmp, manifest) = match upload.filter(|p| p.exists()) {
+        .get(&entry.root)
+        .cloned();
+    let upload = upload.filter(|p| p.exists());
+    let from_upload = upload.is_some();
+    let (tmp, manifest) = match upload {
         Some(tmp) => {
             let manifest = node
                 .local
@@ -194,7 +199,17 @@ async fn materialize_entry<N: PeerNet>(
         }
         None => assemble(node, path, entry, local.as_ref()).await?,
     };
-    fsutil::place(&tmp, &target).map_err(io_err(format!("placing {}", target.display())))?;
+    let placed = fsutil::place(&tmp, &target);
+    if from_upload {
+        node.uploads
+            .lock()
+            .expect("uploads lock poisoned")
+            .remove(&entry.root);
+    }
+    if placed.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    placed.map_err(io_err(format!("placing {}", target.display())))?;
     let meta = std::fs::metadata(&target).map_err(io_err(format!("stat {}", target.display())))?;
     let (mtime_ns, inode) = fsutil::stamp(&meta);
     let file = LocalFile {

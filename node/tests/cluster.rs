@@ -22,6 +22,24 @@ fn a_put_appears_byte_identical_everywhere() {
     for id in 1..=3 {
         c.must_see_file(id, "empty", b"");
     }
+    // Versions that overtake each other leave no upload behind.
+    for i in 0..5u64 {
+        c.client(1)
+            .put("docs/report.bin", &random_bytes(10_000, 100 + i)[..], None)
+            .unwrap();
+    }
+    for id in 1..=3 {
+        c.must_see_file(id, "docs/report.bin", &random_bytes(10_000, 104));
+        let tmp = c.folder(id).join(".synod/tmp");
+        c.must_retry(&format!("node {id} to drop its temp files"), || {
+            let left = std::fs::read_dir(&tmp).map(|d| d.count()).unwrap_or(0);
+            if left == 0 {
+                Ok(())
+            } else {
+                Err(common::io(format!("{left} temp files left")))
+            }
+        });
+    }
 }
 
 #[test]

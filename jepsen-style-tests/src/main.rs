@@ -1,0 +1,266 @@
+//! `synod-lab`: run failure-injection tests against real `synod` nodes,
+//! re-check recorded runs, clean up, run campaigns.
+//!
+//! Exit status: 0 valid, 1 a checker found the run invalid, 2 a checker
+//! could not decide (unknown), 3 the lab itself failed.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use synod_lab::checker::Verdict;
+use synod_lab::cluster::NetMode;
+use synod_lab::nemesis;
+use synod_lab::run::{self, RunOptions};
+
+#[derive(Debug, Parser)]
+#[command(name = "synod-lab", about = "Failure-injection lab for synod", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Start a cluster, run a workload under faults, check, report.
+    Run(RunArgs),
+    /// Re-check a recorded run directory.
+    Check {
+        /// The run directory (holds history.jsonl).
+        dir: PathBuf,
+    },
+    /// Remove namespaces, links and node processes left by killed runs.
+    Clean {
+        /// Parent of the run directories.
+        #[arg(long, default_value = "target/synod-lab")]
+        out: PathBuf,
+    },
+    /// Many runs with consecutive seeds; `--smoke` for the short CI set.
+    Campaign {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Number of runs (ignored with --smoke).
+        #[arg(long, default_value_t = 10)]
+        runs: usize,
+        /// A few short runs that use every nemesis at least once.
+        #[arg(long)]
+        smoke: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Net {
+    Netns,
+    Loopback,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Workload {
+    Register,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Cluster size.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+    nodes: u64,
+    #[arg(long, value_enum, default_value = "register")]
+    workload: Workload,
+    /// Comma-separated faults: partition, kill, pause, loss, bandwidth,
+    /// disk-full, none.
+    /// Default for `run`: all that the network mode allows; for `campaign`:
+    /// a rotating pair.
+    #[arg(long)]
+    nemesis: Option<String>,
+    /// How long the workload runs: `60s`, `2m`, `500ms`.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    time_limit: Duration,
+    /// Seeds the fault schedule and the clients' choices.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    #[arg(long, value_enum, default_value = "netns")]
+    net: Net,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 5)]
+    clients: usize,
+    /// The synod binary (default: beside this binary, then $PATH).
+    #[arg(long, env = "SYNOD_BIN")]
+    synod: Option<PathBuf>,
+    /// Parent of the run directories.
+    #[arg(long, default_value = "target/synod-lab")]
+    out: PathBuf,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 60s, 2m or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// `synod` beside this executable (the workspace's target dir), else PATH.
+fn find_synod(explicit: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = explicit {
+        if !p.exists() {
+            bail!("--synod {} does not exist", p.display());
+        }
+        return Ok(p.to_path_buf());
+    }
+    let exe = std::env::current_exe().context("finding this executable")?;
+    // Test binaries live one level deeper, in target/<profile>/deps.
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join("synod");
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    if let Some(paths) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&paths) {
+            let candidate = dir.join("synod");
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    bail!("no synod binary found; build it with `cargo build -p synod-node` or pass --synod PATH")
+}
+
+fn options(a: &RunArgs, default_all: bool) -> Result<RunOptions> {
+    let net = match a.net {
+        Net::Netns => NetMode::Netns,
+        Net::Loopback => NetMode::Loopback,
+    };
+    let nemeses = match &a.nemesis {
+        Some(list) => nemesis::parse_list(list).context("reading --nemesis")?,
+        None if default_all => nemesis::NemesisKind::ALL
+            .into_iter()
+            .filter(|k| net == NetMode::Netns || !k.needs_netns())
+            .collect(),
+        None => Vec::new(),
+    };
+    let Workload::Register = a.workload;
+    let synod = find_synod(a.synod.as_deref())?;
+    let synod = synod
+        .canonicalize()
+        .with_context(|| format!("resolving {}", synod.display()))?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let out = a
+        .out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", a.out.display()))?;
+    Ok(RunOptions {
+        nodes: a.nodes,
+        clients: a.clients,
+        nemeses,
+        time_limit: a.time_limit,
+        seed: a.seed,
+        net,
+        synod,
+        out,
+    })
+}
+
+fn exit_for(v: Verdict) -> ExitCode {
+    match v {
+        Verdict::Valid => ExitCode::SUCCESS,
+        Verdict::Invalid => ExitCode::from(1),
+        Verdict::Unknown => ExitCode::from(2),
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Run(a) => {
+            let opts = options(&a, true)?;
+            let out = run::run(&opts).with_context(|| {
+                format!(
+                    "run with seed {} failed; `synod-lab clean` removes what it left",
+                    opts.seed
+                )
+            })?;
+            println!("{}", out.summary);
+            println!("report: {}", out.dir.join("report.html").display());
+            Ok(exit_for(out.verdict()))
+        }
+        Cmd::Check { dir } => {
+            let out =
+                run::check_dir(&dir).with_context(|| format!("checking {}", dir.display()))?;
+            println!("{}", out.summary);
+            Ok(exit_for(out.verdict()))
+        }
+        Cmd::Clean { out } => {
+            for line in run::clean(&out) {
+                println!("{line}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Campaign {
+            run: a,
+            runs,
+            smoke,
+        } => {
+            let base = options(&a, false)?;
+            let plans = if smoke {
+                run::smoke_plans(&base)
+            } else {
+                run::campaign_plans(&base, runs)
+            };
+            let (t, lines) = run::campaign(&plans);
+            println!("campaign:");
+            for l in &lines {
+                println!("  {l}");
+            }
+            println!(
+                "  runs {}, operations {}, faults injected {}, invalid runs {}, unknown runs {}, errors {}",
+                t.runs, t.operations, t.faults, t.invalid_runs, t.unknown_runs, t.errors
+            );
+            Ok(if t.invalid_runs > 0 {
+                ExitCode::from(1)
+            } else if t.errors > 0 {
+                ExitCode::from(3)
+            } else if t.unknown_runs > 0 {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("synod-lab: {e:#}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("1h").is_err());
+    }
+}
