@@ -315,9 +315,24 @@ async fn receive_body(body: Body, tmp: &std::path::Path, limit: u64) -> Result<(
             .await
             .map_err(|e| NodeError::internal("writing upload file", e))?;
     }
+    // tokio's File reports a failed background write (ENOSPC) only on the
+    // next flush: without it a full disk would commit an empty file.
+    file.flush()
+        .await
+        .map_err(|e| NodeError::internal("writing upload file", e))?;
     file.sync_all()
         .await
         .map_err(|e| NodeError::internal("fsync upload file", e))?;
+    let written = file
+        .metadata()
+        .await
+        .map_err(|e| NodeError::internal("stat upload file", e))?
+        .len();
+    if written != total {
+        return Err(NodeError::Internal(format!(
+            "upload file holds {written} of {total} bytes received"
+        )));
+    }
     Ok(())
 }
 
