@@ -392,17 +392,24 @@ impl TransportHandle {
     /// durable there.
     pub async fn push_manifest(&self, peer: PeerId, manifest: Vec<u8>) -> Result<(), RequestError> {
         let req = ChunkRequest::PushManifest(manifest);
-        match self
+        let resp = self
             .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
-            .await?
-        {
+            .await?;
+        self.expect_stored(peer, resp)
+    }
+
+    /// `Ok` for a `Stored` answer to a push; the refusal or a bad answer otherwise.
+    fn expect_stored(&self, peer: PeerId, resp: ChunkResponse) -> Result<(), RequestError> {
+        match resp {
             ChunkResponse::Stored => Ok(()),
             ChunkResponse::Refused(reason) => Err(RequestError::Refused {
                 peer,
                 protocol: ChunkProtocol::NAME,
                 reason,
             }),
-            _ => Err(self.bad_answer(peer, "answered a manifest push with something else".into())),
+            ChunkResponse::Fetched(_) | ChunkResponse::Missing(_) => {
+                Err(self.bad_answer(peer, "answered a push with something else".into()))
+            }
         }
     }
 
@@ -424,7 +431,8 @@ impl TransportHandle {
                     let missing = blob.to_hashes().ok_or_else(|| {
                         self.bad_answer(peer, "missing list is not a whole number of hashes".into())
                     })?;
-                    if missing.iter().any(|m| !part.contains(m)) {
+                    let asked: std::collections::HashSet<&Hash> = part.iter().collect();
+                    if missing.iter().any(|m| !asked.contains(m)) {
                         return Err(
                             self.bad_answer(peer, "named a chunk that was not asked".into())
                         );
@@ -454,20 +462,10 @@ impl TransportHandle {
     ) -> Result<(), RequestError> {
         let req = ChunkRequest::Push(chunks);
         let _slot = self.bulk.acquire(peer).await?;
-        match self
+        let resp = self
             .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
-            .await?
-        {
-            ChunkResponse::Stored => Ok(()),
-            ChunkResponse::Refused(reason) => Err(RequestError::Refused {
-                peer,
-                protocol: ChunkProtocol::NAME,
-                reason,
-            }),
-            ChunkResponse::Fetched(_) | ChunkResponse::Missing(_) => {
-                Err(self.bad_answer(peer, "answered a push with something else".into()))
-            }
-        }
+            .await?;
+        self.expect_stored(peer, resp)
     }
 
     fn bad_answer(&self, peer: PeerId, what: String) -> RequestError {
