@@ -274,20 +274,29 @@ async fn put_file<N: PeerNet>(
     }
     let tmp = fsutil::temp_path(&s.node.folder, "upload")
         .map_err(|e| NodeError::internal("creating upload file", e))?;
-    if let Err(e) = receive_body(body, &tmp, s.max_upload_bytes).await {
-        let _ = tokio::fs::remove_file(&tmp).await;
-        return Err(e);
-    }
-    let now_ns = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0);
-    let meta = WriteMeta {
-        expect,
-        mode: 0o644,
-        mtime_ns: now_ns,
-    };
-    let version = s.node.write_file(&path, tmp, meta).await?;
+    // A task of its own: if the client goes away mid-request, the upload
+    // still ends in a commit or an error, and its temp file never leaks.
+    let node = s.node.clone();
+    let limit = s.max_upload_bytes;
+    let write_path = path.clone();
+    let version = tokio::spawn(async move {
+        if let Err(e) = receive_body(body, &tmp, limit).await {
+            let _ = tokio::fs::remove_file(&tmp).await;
+            return Err(e);
+        }
+        let now_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0);
+        let meta = WriteMeta {
+            expect,
+            mode: 0o644,
+            mtime_ns: now_ns,
+        };
+        node.write_file(&write_path, tmp, meta).await
+    })
+    .await
+    .map_err(|e| NodeError::internal("upload task", e))??;
     Ok((
         StatusCode::OK,
         [(header::ETAG, format!("\"{version}\""))],

@@ -175,7 +175,7 @@ async fn materialize_entry<N: PeerNet>(
             return Ok(());
         }
     }
-    preserve_local_edit(node, path, &target, local.as_ref())?;
+    preserve_local_edit(node, path, &target, local.as_ref(), Some(entry.root))?;
 
     // The uploader already holds the bytes in a temp file.
     // Left in the map until placed: if anything below fails, the upload's
@@ -253,6 +253,7 @@ fn preserve_local_edit<N: PeerNet>(
     path: &NsPath,
     target: &std::path::Path,
     local: Option<&LocalFile>,
+    incoming: Option<Hash>,
 ) -> Result<(), MaterializeError> {
     let Ok(meta) = std::fs::symlink_metadata(target) else {
         return Ok(());
@@ -260,6 +261,16 @@ fn preserve_local_edit<N: PeerNet>(
     if local.is_some_and(|l| meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode))
     {
         return Ok(());
+    }
+    // A crash between placing a file and recording it leaves our own bytes
+    // with an unknown stamp: content we wrote is not a user's edit.
+    if meta.is_file() {
+        if let Ok(m) = synod_chunker::chunk_file(target, node.params) {
+            let ours = local.is_some_and(|l| l.root == m.root()) || incoming == Some(m.root());
+            if ours {
+                return Ok(());
+            }
+        }
     }
     let aside =
         crate::conflict::conflict_name(path.as_str(), node.id, std::time::SystemTime::now());
@@ -574,7 +585,7 @@ async fn remove_entry<N: PeerNet>(
                 }
                 Metrics::add(&node.metrics.files_removed, 1);
             } else {
-                preserve_local_edit(node, path, &target, local.as_ref())?;
+                preserve_local_edit(node, path, &target, local.as_ref(), None)?;
             }
         }
         Err(_) => {}
