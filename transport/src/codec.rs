@@ -285,41 +285,39 @@ where
         metrics.count(&err);
         io::Error::new(io::ErrorKind::InvalidData, err)
     };
+    let truncated = |got: usize, expected: usize| {
+        reject(CodecError::Truncated {
+            protocol,
+            direction,
+            got,
+            expected,
+        })
+    };
     let mut header = [0u8; HEADER_LEN];
-    let mut got = 0;
-    while got < HEADER_LEN {
-        match io.read(&mut header[got..]).await? {
-            0 => {
-                return Err(reject(CodecError::Truncated {
-                    protocol,
-                    direction,
-                    got,
-                    expected: HEADER_LEN,
-                }))
-            }
-            n => got += n,
-        }
+    if let Err(got) = fill(io, &mut header).await? {
+        return Err(truncated(got, HEADER_LEN));
     }
     let len = check_header(header, protocol, direction, limit).map_err(reject)?;
     // The claim is already within this type's hard limit, so reserving it is
     // bounded. Read straight into the final buffer: futures' `read_to_end`
     // zero-fills every growth step, which costs more than the copy itself.
     let mut body = vec![0u8; len];
+    if let Err(got) = fill(io, &mut body).await? {
+        return Err(truncated(got, len));
+    }
+    decode_body(&body, protocol, direction, limit).map_err(reject)
+}
+
+/// Fills `buf` from `io`; `Ok(Err(got))` if the stream ended after `got` bytes.
+async fn fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut [u8]) -> io::Result<Result<(), usize>> {
     let mut got = 0;
-    while got < len {
-        match io.read(&mut body[got..]).await? {
-            0 => {
-                return Err(reject(CodecError::Truncated {
-                    protocol,
-                    direction,
-                    got,
-                    expected: len,
-                }))
-            }
+    while got < buf.len() {
+        match io.read(&mut buf[got..]).await? {
+            0 => return Ok(Err(got)),
             n => got += n,
         }
     }
-    decode_body(&body, protocol, direction, limit).map_err(reject)
+    Ok(Ok(()))
 }
 
 /// Writes one frame to `io`. The message is encoded before the first
