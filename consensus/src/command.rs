@@ -61,6 +61,18 @@ pub enum Command {
 
 impl Command {
     /// `Put` of `entry` at `path`.
+    /// The paths the command writes. Two commands that share one must not
+    /// travel in the same log entry: both would get that entry's index as
+    /// their version, and versions of one path must be unique.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        let (a, b) = match self {
+            Command::Put { path, .. } | Command::Delete { path, .. } => (Some(path.as_str()), None),
+            Command::Rename { from, to, .. } => (Some(from.as_str()), Some(to.as_str())),
+            Command::InitCluster { .. } => (None, None),
+        };
+        a.into_iter().chain(b)
+    }
+
     pub fn put(path: &NsPath, entry: Entry, expect: Expect) -> Command {
         Command::Put {
             path: path.as_str().to_owned(),

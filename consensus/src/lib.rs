@@ -42,12 +42,12 @@ pub mod testing;
 pub use apply::expect_holds;
 pub use command::{Answer, Command, Expect, Request, Response};
 pub use log_store::LogStore;
-pub use node::{open_stores, raft_config};
+pub use node::{open_stores, open_stores_with, raft_config};
 pub use path::{NsPath, PathError};
 pub use proposer::{ProposeError, Proposer, ProposerConfig};
 pub use reads::{Change, Consistency, ReadError, Reader, StateView};
 pub use state_machine::StateMachineStore;
-pub use storage::{NodeStorage, OpenError};
+pub use storage::{NodeStorage, OpenError, StorageOptions};
 pub use types::{
     ClusterSettings, Entry, EntryKind, NodeId, NodeInfo, RequestId, SynodRaft, TypeConfig,
 };

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use crate::log_store::LogStore;
 use crate::state_machine::StateMachineStore;
-use crate::storage::{NodeStorage, OpenError};
+use crate::storage::{NodeStorage, OpenError, StorageOptions};
 
 /// Opens the node directory `dir` of cluster `cluster_id` and returns its log
 /// store and state machine (both over the same sled database).
@@ -12,7 +12,16 @@ pub fn open_stores(
     dir: &Path,
     cluster_id: &str,
 ) -> Result<(LogStore, StateMachineStore), OpenError> {
-    let st = NodeStorage::open(dir, cluster_id)?;
+    open_stores_with(dir, cluster_id, StorageOptions::default())
+}
+
+/// [`open_stores`] with explicit storage tuning.
+pub fn open_stores_with(
+    dir: &Path,
+    cluster_id: &str,
+    opts: StorageOptions,
+) -> Result<(LogStore, StateMachineStore), OpenError> {
+    let st = NodeStorage::open_with(dir, cluster_id, opts)?;
     let sm = StateMachineStore::open(st.clone())?;
     Ok((LogStore::new(st), sm))
 }

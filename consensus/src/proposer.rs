@@ -6,6 +6,7 @@
 //! are running, new commands accumulate and leave together as the next
 //! [`Request`]. Each command keeps its own precondition check and its own answer.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -142,13 +143,22 @@ impl Proposer {
 
 async fn run(raft: SynodRaft, mut rx: mpsc::Receiver<Pending>, cfg: ProposerConfig) {
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight.max(1)));
+    // Commands held back because their path was already in a batch; they
+    // lead the next one, in arrival order.
+    let mut deferred: VecDeque<Pending> = VecDeque::new();
     loop {
         // Take a slot first: while all are busy, commands pile up in the queue
         // and form the next, larger batch.
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let Some(first) = rx.recv().await else { return };
+        let first = match deferred.pop_front() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => return,
+            },
+        };
         if slots.available_permits() + 1 < cfg.max_in_flight {
             // Another batch keeps the log busy: let the callers just answered
             // re-submit before we cut this batch (costs no throughput; an idle
@@ -157,13 +167,29 @@ async fn run(raft: SynodRaft, mut rx: mpsc::Receiver<Pending>, cfg: ProposerConf
                 tokio::task::yield_now().await;
             }
         }
+        let mut touched: HashSet<String> = first.cmd.paths().map(str::to_owned).collect();
         let mut batch = vec![first];
+        let mut held = VecDeque::new();
+        let mut candidates = std::mem::take(&mut deferred);
         while batch.len() < cfg.max_batch {
-            match rx.try_recv() {
-                Ok(p) => batch.push(p),
-                Err(_) => break,
+            let next = match candidates.pop_front() {
+                Some(p) => p,
+                None => match rx.try_recv() {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            // One version per path per entry: a command on a path already in
+            // this batch waits for the next one.
+            if next.cmd.paths().any(|p| touched.contains(p)) {
+                held.push_back(next);
+                continue;
             }
+            touched.extend(next.cmd.paths().map(str::to_owned));
+            batch.push(next);
         }
+        held.extend(candidates);
+        deferred = held;
         let raft = raft.clone();
         let timeout = cfg.commit_timeout;
         tokio::spawn(async move {

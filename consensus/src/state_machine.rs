@@ -1,20 +1,20 @@
 //! `StateMachineStore`: openraft's `RaftStateMachine` holding the namespace.
 //!
-//! All state machine data lives in one sled tree so that one `apply` call is a
-//! single atomic `apply_batch` (entries, change feed, request ids, last applied
-//! and membership together). Key layout:
+//! All state machine data lives in one sled tree so that each applied log
+//! entry is a single atomic `apply_batch` (entries, change feed, request ids,
+//! last applied and membership together). Key layout:
 //!
 //! | key | value |
 //! |---|---|
 //! | `e` path | bincode(`Entry`) |
 //! | `c` BE(version) path | empty (change feed) |
 //! | `p` path | pre-image during a snapshot build: bincode(`Entry`), empty = absent |
-//! | `r` BE(index) BE(seq) | bincode(`Vec<(RequestId, index, Answer)>`): the answers of one apply call (exactly-once) |
+//! | `r` BE(index) BE(seq) | bincode(`Vec<(RequestId, index, Answer)>`): the answers of one log entry (exactly-once) |
 //! | `m/…` | last applied, membership, settings, install marker |
 //!
 //! The namespace Merkle tree and the index of remembered answers are kept in
-//! memory, updated per applied command, and rebuilt from sled on open and
-//! after a snapshot install. Answers are stored one record per apply call
+//! memory, updated per applied log entry, and rebuilt from sled on open and
+//! after a snapshot install. Answers are stored one record per log entry
 //! rather than one key per command: sled writes dominate apply cost.
 
 use std::collections::{HashMap, VecDeque};
@@ -113,9 +113,15 @@ impl Dedup {
 /// A snapshot build in progress: apply saves the state at `at` of each path
 /// it changes (its pre-image) once, so the builder reads a consistent
 /// namespace without holding the gate.
+///
+/// Remembered answers are streamed from sled too: while a build runs, apply
+/// drops evicted answers from memory but defers deleting their records, so
+/// every record the build captured stays readable.
 #[derive(Debug, Default)]
 pub(crate) struct Building {
     pub saved: std::collections::HashSet<String>,
+    /// Keys of answer records evicted during the build, deleted at its end.
+    pub evicted: Vec<[u8; 13]>,
 }
 
 pub(crate) fn preimage_key(path: &str) -> Vec<u8> {
@@ -236,6 +242,16 @@ pub(crate) fn load_mem(shared: &SmShared, mem: &mut SmMem) -> Result<(), Storage
         let rec: AnswerRecord = codec::decode("remembered answers", &v).map_err(read_err)?;
         mem.dedup.add(key, rec);
     }
+    // Records whose deletion a snapshot build deferred and a crash cut short:
+    // evict them now, so every node remembers the same answers.
+    let gone = mem.dedup.evict();
+    if !gone.is_empty() {
+        let mut b = sled::Batch::default();
+        for k in gone {
+            b.remove(&k[..]);
+        }
+        sm.apply_batch(b).map_err(read_err)?;
+    }
     let mut tree = NamespaceTree::new();
     for kv in sm.scan_prefix([P_ENTRY]) {
         let (k, v) = kv.map_err(read_err)?;
@@ -247,7 +263,7 @@ pub(crate) fn load_mem(shared: &SmShared, mem: &mut SmMem) -> Result<(), Storage
     Ok(())
 }
 
-/// The sled-backed view one `apply` call works on: reads see the batch's own
+/// The sled-backed view one log entry is applied through: reads see the batch's own
 /// earlier writes through `overlay`.
 struct BatchView<'a> {
     sm: &'a sled::Tree,
@@ -326,26 +342,30 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let mut mem = self.shared.gate.lock().await;
         let mem = &mut *mem;
         let sm = &self.shared.st.sm;
-        let mut settings = mem.settings;
-        let mut view = BatchView {
-            sm,
-            batch: sled::Batch::default(),
-            overlay: HashMap::new(),
-            tree_updates: Vec::new(),
-            settings: &mut settings,
-            settings_changed: false,
-            error: None,
-            building: mem.building.as_mut(),
-        };
-        let mut answered: HashMap<RequestId, Answer> = HashMap::new();
-        let mut record: AnswerRecord = Vec::new();
         let mut responses = Vec::new();
-        let mut last_applied = mem.last_applied;
-        let mut membership = None;
+        // One atomic sled batch per log entry: its commands, its answers and
+        // `last_applied`. Per entry rather than per call because sled 0.34
+        // keeps far more memory than the data after very large batches (see
+        // `snapshot::LOAD_BATCH`), and a call can carry many entries.
         for ent in entries {
             let log_id = *ent.get_log_id();
             let index = log_id.index;
             let mut resp = Response::default();
+            let mut settings = mem.settings;
+            let mut membership = None;
+            let mut record: AnswerRecord = Vec::new();
+            // Position in `record` of each request answered in this entry.
+            let mut answered: HashMap<RequestId, usize> = HashMap::new();
+            let mut view = BatchView {
+                sm,
+                batch: sled::Batch::default(),
+                overlay: HashMap::new(),
+                tree_updates: Vec::new(),
+                settings: &mut settings,
+                settings_changed: false,
+                error: None,
+                building: mem.building.as_mut(),
+            };
             match ent.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Membership(m) => {
@@ -355,7 +375,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     resp.answers.reserve(req.commands.len());
                     for (rid, cmd) in &req.commands {
                         let first = match answered.get(rid) {
-                            Some(a) => Some(a.clone()),
+                            Some(&at) => Some(record[at].2.clone()),
                             None => mem.dedup.map.get(rid).map(|(_, a)| a.clone()),
                         };
                         if let Some(a) = first {
@@ -367,65 +387,66 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         if let Some(e) = view.error.take() {
                             return Err(e);
                         }
-                        answered.insert(*rid, a.clone());
+                        answered.insert(*rid, record.len());
                         record.push((*rid, index, a.clone()));
                         resp.answers.push(a);
                     }
                 }
             }
-            last_applied = Some(log_id);
+            let BatchView {
+                mut batch,
+                tree_updates,
+                settings_changed,
+                ..
+            } = view;
+            let record_key = answers_key(index, 0);
+            if !record.is_empty() {
+                batch.insert(&record_key[..], codec::encode(&record));
+            }
+            batch.insert(M_APPLIED, codec::encode(&Some(log_id)));
+            if let Some(m) = &membership {
+                batch.insert(M_MEMBERSHIP, codec::encode(m));
+            }
+            if let Some(s) = settings.as_ref().filter(|_| settings_changed) {
+                batch.insert(M_SETTINGS, codec::encode(s));
+            }
+            sm.apply_batch(batch)
+                .map_err(|e| StorageIOError::apply(log_id, &e))?;
+            if !record.is_empty() {
+                mem.dedup.add(record_key, record);
+                let mut gone = mem.dedup.evict();
+                if let Some(b) = mem.building.as_mut() {
+                    b.evicted.append(&mut gone);
+                }
+                if !gone.is_empty() {
+                    let mut b = sled::Batch::default();
+                    for k in gone {
+                        b.remove(&k[..]);
+                    }
+                    // Losing this delete in a crash only keeps some answers
+                    // longer; the next open evicts them again.
+                    sm.apply_batch(b)
+                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                }
+            }
+            mem.last_applied = Some(log_id);
+            mem.settings = settings;
+            if let Some(m) = membership {
+                mem.membership = m;
+            }
+            if !tree_updates.is_empty() {
+                let mut tree = self.shared.tree.lock().unwrap_or_else(|p| p.into_inner());
+                for (path, h) in tree_updates {
+                    tree.insert(&path, h);
+                }
+            }
             responses.push(resp);
         }
-        let Some(applied) = last_applied else {
-            return Ok(responses);
-        };
-        let BatchView {
-            mut batch,
-            tree_updates,
-            settings_changed,
-            ..
-        } = view;
-        let record_key = answers_key(applied.index, 0);
-        if !record.is_empty() {
-            batch.insert(&record_key[..], codec::encode(&record));
+        if let Some(l) = mem.last_applied {
+            self.shared.applied_tx.send_replace(l.index);
         }
-        batch.insert(M_APPLIED, codec::encode(&last_applied));
-        if let Some(m) = &membership {
-            batch.insert(M_MEMBERSHIP, codec::encode(m));
-        }
-        if let Some(s) = settings.as_ref().filter(|_| settings_changed) {
-            batch.insert(M_SETTINGS, codec::encode(s));
-        }
-        sm.apply_batch(batch)
-            .map_err(|e| StorageIOError::apply(applied, &e))?;
-        if !record.is_empty() {
-            mem.dedup.add(record_key, record);
-            let gone = mem.dedup.evict();
-            if !gone.is_empty() {
-                let mut b = sled::Batch::default();
-                for k in gone {
-                    b.remove(&k[..]);
-                }
-                // Losing this delete in a crash only keeps some answers longer.
-                sm.apply_batch(b)
-                    .map_err(|e| StorageIOError::apply(applied, &e))?;
-            }
-        }
-        mem.last_applied = last_applied;
-        mem.settings = settings;
-        if let Some(m) = membership {
-            mem.membership = m;
-        }
-        {
-            let mut tree = self.shared.tree.lock().unwrap_or_else(|p| p.into_inner());
-            for (path, h) in tree_updates {
-                tree.insert(&path, h);
-            }
-        }
-        self.shared.applied_tx.send_replace(applied.index);
         Ok(responses)
     }
-
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         SnapshotBuilder {
             shared: self.shared.clone(),

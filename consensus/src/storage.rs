@@ -1,7 +1,8 @@
 //! `NodeStorage`: the one sled database of a node, behind a narrow boundary.
 //!
 //! Everything durable that consensus owns lives in one directory:
-//! `db/` (sled) and `snapshots/` (snapshot files). sled types never leave this
+//! `db/` (sled: log, vote, metadata), `sm/` (sled: the state machine) and
+//! `snapshots/` (snapshot files). sled types never leave this
 //! crate, so the engine can be swapped (redb, fjall, RocksDB) by rewriting this
 //! file, `log_store.rs` and the sled calls of `state_machine.rs`.
 //!
@@ -14,10 +15,14 @@
 //! threads, so it does not block the runtime. Cost: one fsync of the dirty
 //! pages, measured around 0.2–0.6 ms for a small append on this disk; it is
 //! paid once per `append` call (openraft hands us a whole batch per call), per
-//! `save_vote`, per `purge` and per snapshot install. State machine writes are
-//! not flushed on their own: they become durable with the next log flush, and
-//! on a crash the log still holds every committed entry they came from
-//! (snapshot builds flush before the log behind them can be purged).
+//! `save_vote`, per `purge` and per snapshot install. The state machine has its
+//! own database so that these flushes do not also write (and wait for) the
+//! pages apply dirtied: state machine writes become durable through sled's
+//! background flush (every 500 ms) or a snapshot, never on the commit path.
+//! That is safe because each applied entry is one atomic batch with
+//! `last_applied`, openraft re-applies the log from `last_applied` after a
+//! restart, and the log behind a snapshot is purged only after the snapshot
+//! build or install has flushed the state machine (`snapshot::set_current`).
 
 use std::path::{Path, PathBuf};
 
@@ -25,6 +30,8 @@ use crate::codec;
 
 /// Name of the sled directory inside a node directory.
 const DB_DIR: &str = "db";
+/// Name of the state machine's sled directory inside a node directory.
+const SM_DB_DIR: &str = "sm";
 /// Name of the snapshot directory inside a node directory.
 const SNAPSHOT_DIR: &str = "snapshots";
 /// Key of the cluster id in the `meta` tree.
@@ -72,6 +79,38 @@ pub enum OpenError {
     },
 }
 
+/// Tuning of a node's storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StorageOptions {
+    /// sled page cache of the log database (log, vote, metadata), in bytes.
+    pub log_cache_bytes: u64,
+    /// sled page cache of the state machine database, in bytes. With the
+    /// snapshot frames, this bounds what a snapshot build or install holds in
+    /// memory besides the namespace Merkle tree.
+    pub sm_cache_bytes: u64,
+}
+
+impl Default for StorageOptions {
+    fn default() -> Self {
+        StorageOptions {
+            // 256 MiB in all, as when both lived in one database; the log only
+            // holds recent entries (it is purged behind snapshots).
+            log_cache_bytes: 64 * 1024 * 1024,
+            sm_cache_bytes: 192 * 1024 * 1024,
+        }
+    }
+}
+
+impl StorageOptions {
+    /// Sets both page caches, in bytes.
+    pub fn with_cache_bytes(mut self, log: u64, sm: u64) -> Self {
+        self.log_cache_bytes = log;
+        self.sm_cache_bytes = sm;
+        self
+    }
+}
+
 /// The durable storage of one node: log, vote, state machine and snapshots.
 ///
 /// Cheap to clone (sled handles are reference counted). The sled directory lock
@@ -80,6 +119,9 @@ pub enum OpenError {
 pub struct NodeStorage {
     pub(crate) dir: PathBuf,
     pub(crate) db: sled::Db,
+    /// The state machine's own database: its writes never ride along with
+    /// (and never slow down) the log's flushes. See the module docs.
+    pub(crate) sm_db: sled::Db,
     /// Raft log: big-endian index → bincode(openraft Entry).
     pub(crate) log: sled::Tree,
     /// Vote, committed, last purged, cluster id, current snapshot meta.
@@ -92,6 +134,15 @@ impl NodeStorage {
     /// Opens (or creates) the node directory `dir` for cluster `cluster_id`.
     /// A directory created for another cluster is refused.
     pub fn open(dir: &Path, cluster_id: &str) -> Result<NodeStorage, OpenError> {
+        Self::open_with(dir, cluster_id, StorageOptions::default())
+    }
+
+    /// [`NodeStorage::open`] with explicit tuning.
+    pub fn open_with(
+        dir: &Path,
+        cluster_id: &str,
+        opts: StorageOptions,
+    ) -> Result<NodeStorage, OpenError> {
         let snap_dir = dir.join(SNAPSHOT_DIR);
         std::fs::create_dir_all(&snap_dir).map_err(|source| OpenError::CreateDir {
             dir: snap_dir.clone(),
@@ -104,8 +155,7 @@ impl NodeStorage {
         };
         let db = sled::Config::new()
             .path(&db_dir)
-            // The namespace lives in the state machine tree; keep the page cache modest.
-            .cache_capacity(256 * 1024 * 1024)
+            .cache_capacity(opts.log_cache_bytes)
             .mode(sled::Mode::LowSpace)
             .open()
             .map_err(sled_err)?;
@@ -126,10 +176,26 @@ impl NodeStorage {
             }
         }
         let log = db.open_tree("raft_log").map_err(sled_err)?;
-        let sm = db.open_tree("state_machine").map_err(sled_err)?;
+        let sm_dir = dir.join(SM_DB_DIR);
+        let sm_db = sled::Config::new()
+            .path(&sm_dir)
+            .cache_capacity(opts.sm_cache_bytes)
+            .mode(sled::Mode::LowSpace)
+            .open()
+            .map_err(|source| OpenError::Sled {
+                dir: sm_dir.clone(),
+                source,
+            })?;
+        let sm = sm_db
+            .open_tree("state_machine")
+            .map_err(|source| OpenError::Sled {
+                dir: sm_dir.clone(),
+                source,
+            })?;
         Ok(NodeStorage {
             dir: dir.to_owned(),
             db,
+            sm_db,
             log,
             meta,
             sm,
@@ -146,17 +212,18 @@ impl NodeStorage {
         self.dir.join(SNAPSHOT_DIR)
     }
 
-    /// Bytes on disk of the sled directory and the snapshot directory.
+    /// Bytes on disk of the sled directories (log and state machine) and the
+    /// snapshot directory.
     pub fn disk_usage(&self) -> (u64, u64) {
         (
-            dir_size(&self.dir.join(DB_DIR)),
+            dir_size(&self.dir.join(DB_DIR)) + dir_size(&self.dir.join(SM_DB_DIR)),
             dir_size(&self.snapshot_dir()),
         )
     }
 
     /// sled's own estimate of its on-disk size.
     pub fn sled_size_on_disk(&self) -> u64 {
-        self.db.size_on_disk().unwrap_or(0)
+        self.db.size_on_disk().unwrap_or(0) + self.sm_db.size_on_disk().unwrap_or(0)
     }
 
     /// Flushes every tree to disk (see the module docs for the cost).

@@ -193,6 +193,54 @@ impl Api {
         Ok(w.version)
     }
 
+    /// `DELETE /v1/files/{path}` (`If-Match: version` when given); returns
+    /// the version of the tombstone.
+    pub fn delete(&self, path: &str, expect: Option<u64>) -> Result<u64, ApiError> {
+        let url = format!("{}/v1/files/{path}", self.base);
+        let mut req = self.agent.delete(&url);
+        if let Some(v) = expect {
+            req = req.set("If-Match", &v.to_string());
+        }
+        let resp = req.call().map_err(|e| self.fail(&url, e))?;
+        let w: Written = Self::decode(&url, resp)?;
+        Ok(w.version)
+    }
+
+    /// `POST /v1/rename` (`to` must not exist; `from` at its current
+    /// version); returns the committed version.
+    pub fn rename(&self, from: &str, to: &str) -> Result<u64, ApiError> {
+        let url = format!("{}/v1/rename", self.base);
+        let resp = self
+            .agent
+            .post(&url)
+            .send_json(serde_json::json!({ "from": from, "to": to }))
+            .map_err(|e| self.fail(&url, e))?;
+        let w: Written = Self::decode(&url, resp)?;
+        Ok(w.version)
+    }
+
+    /// `GET /v1/lab/hooks`: the node's test-only hooks, or `None` when the
+    /// node was built without the `lab-hooks` feature (404).
+    pub fn lab_hooks(&self) -> Result<Option<serde_json::Value>, ApiError> {
+        let url = format!("{}/v1/lab/hooks", self.base);
+        match self.agent.get(&url).call() {
+            Ok(resp) => Self::decode(&url, resp).map(Some),
+            Err(ureq::Error::Status(404, _)) => Ok(None),
+            Err(e) => Err(self.fail(&url, e)),
+        }
+    }
+
+    /// `PUT /v1/lab/hooks` with the fields to change; returns the new state.
+    pub fn set_lab_hooks(&self, change: &serde_json::Value) -> Result<serde_json::Value, ApiError> {
+        let url = format!("{}/v1/lab/hooks", self.base);
+        let resp = self
+            .agent
+            .put(&url)
+            .send_json(change)
+            .map_err(|e| self.fail(&url, e))?;
+        Self::decode(&url, resp)
+    }
+
     /// `GET /v1/files?prefix=` (linearizable), live entries only.
     pub fn list(&self, prefix: &str) -> Result<Vec<Entry>, ApiError> {
         let url = format!("{}/v1/files?prefix={prefix}", self.base);

@@ -3,6 +3,7 @@
 //! counterexample it found) or unknown (it could not decide, and says why).
 
 pub mod convergence;
+pub mod files;
 pub mod linearizable;
 pub mod lost_writes;
 

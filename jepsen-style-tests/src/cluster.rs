@@ -43,6 +43,12 @@ pub enum ClusterError {
     NotFormed { seconds: u64, last: String },
     #[error("cannot signal node {node}")]
     Signal { node: u64, source: nix::Error },
+    #[error(
+        "{synod} has no lab hooks: build it with `cargo build -p synod-node --features lab-hooks`"
+    )]
+    NoHooks { synod: String },
+    #[error("node {node}: setting lab hooks failed: {message}")]
+    Hooks { node: u64, message: String },
     #[error(transparent)]
     Net(#[from] netns::NetError),
 }
@@ -93,6 +99,13 @@ pub struct Cluster {
     exits: Vec<(u64, String)>,
     /// tmpfs mounts to remove when the cluster stops.
     mounts: Vec<PathBuf>,
+    /// `SYNOD_LAB_HOOKS` given to every node process (hooks from the start,
+    /// kept across restarts).
+    hooks_env: Option<String>,
+    /// Whether the nodes answer `/v1/lab/hooks` (built with `lab-hooks`).
+    pub hooks: bool,
+    /// Whether the kernel has `netem` (set by the run in netns mode).
+    pub netem: bool,
 }
 
 /// Size of each folder's tmpfs when `disk-full` is enabled.
@@ -153,12 +166,15 @@ impl Cluster {
     /// Writes the config, runs `synod init` per node, starts every node and
     /// forms the cluster (POST /v1/cluster/init until it answers 200).
     /// With `tmpfs`, every node's folder is a small tmpfs (for `disk-full`).
+    /// With `hooks_env`, every node runs with `SYNOD_LAB_HOOKS` set to it,
+    /// and a `synod` without the `lab-hooks` feature is an error.
     pub fn start(
         dir: &Path,
         n: u64,
         net: NetMode,
         synod: &Path,
         tmpfs: bool,
+        hooks_env: Option<&str>,
     ) -> Result<Cluster, ClusterError> {
         let io = |path: &Path| {
             let path = path.to_path_buf();
@@ -175,6 +191,9 @@ impl Cluster {
             nodes: Vec::new(),
             exits: Vec::new(),
             mounts: Vec::new(),
+            hooks_env: hooks_env.map(str::to_string),
+            hooks: false,
+            netem: false,
         };
         for id in 1..=n {
             let (address, api) = addresses(id, net);
@@ -200,6 +219,13 @@ impl Cluster {
             cluster.spawn(id)?;
         }
         cluster.form(Duration::from_secs(60))?;
+        let probe = Api::new(&cluster.nodes[0].api, Duration::from_secs(5));
+        cluster.hooks = matches!(probe.lab_hooks(), Ok(Some(_)));
+        if cluster.hooks_env.is_some() && !cluster.hooks {
+            return Err(ClusterError::NoHooks {
+                synod: cluster.synod.display().to_string(),
+            });
+        }
         Ok(cluster)
     }
 
@@ -265,7 +291,11 @@ impl Cluster {
             NetMode::Loopback => synod.clone(),
         };
         argv.extend(["--config", &config, "run", "--node", &id_s].map(String::from));
-        let child = Command::new(&program)
+        let mut command = Command::new(&program);
+        if let Some(h) = &self.hooks_env {
+            command.env("SYNOD_LAB_HOOKS", h);
+        }
+        let child = command
             .args(&argv)
             .env(
                 "RUST_LOG",
@@ -336,6 +366,30 @@ impl Cluster {
             .into_iter()
             .find(|(_, c)| *c >= majority)
             .map(|(l, _)| l)
+    }
+
+    /// Changes node `id`'s lab hooks (`PUT /v1/lab/hooks`); returns the
+    /// node's answer.
+    pub fn set_hooks(
+        &self,
+        id: u64,
+        change: &serde_json::Value,
+    ) -> Result<serde_json::Value, ClusterError> {
+        let synod = self.synod.display().to_string();
+        if !self.hooks {
+            return Err(ClusterError::NoHooks { synod });
+        }
+        let api = self
+            .node(id)
+            .map(|n| Api::new(&n.api, Duration::from_secs(3)))
+            .ok_or_else(|| ClusterError::Hooks {
+                node: id,
+                message: "no such node".into(),
+            })?;
+        api.set_lab_hooks(change).map_err(|e| ClusterError::Hooks {
+            node: id,
+            message: e.to_string(),
+        })
     }
 
     fn signal(&self, id: u64, sig: Signal) -> Result<(), ClusterError> {

@@ -36,6 +36,10 @@ pub enum OpKind {
     /// Compare-and-set on the version: `If-Match: expect`, or create-only
     /// (`If-None-Match: *`) when `expect` is 0.
     Cas,
+    /// `POST /v1/rename` from `path` to `to` (the `files` workload).
+    Rename,
+    /// `DELETE` of `path` (the `files` workload).
+    Delete,
     Start,
     Stop,
 }
@@ -50,6 +54,9 @@ pub struct Event {
     pub op: OpKind,
     #[serde(default)]
     pub path: String,
+    /// Target of a rename.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
     /// Written value (invoke of write/cas) or read value (ok of read;
     /// `None` = the file did not exist).
     #[serde(default)]
@@ -181,6 +188,8 @@ pub struct Operation {
     pub process: u64,
     pub kind: OpKind,
     pub path: String,
+    /// Target of a rename.
+    pub to: Option<String>,
     /// Value written (write/cas) or read (read, when ok).
     pub value: Option<String>,
     /// Expected version (cas invoke).
@@ -208,6 +217,7 @@ pub fn pair_operations(events: &[Event]) -> Vec<Operation> {
                     process: e.process,
                     kind: e.op,
                     path: e.path.clone(),
+                    to: e.to.clone(),
                     value: e.value.clone(),
                     expect: if e.op == OpKind::Cas { e.version } else { None },
                     version: None,
@@ -285,6 +295,7 @@ mod tests {
             process,
             op,
             path: "r".into(),
+            to: None,
             value: None,
             version: None,
             node: None,

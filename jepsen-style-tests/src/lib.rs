@@ -8,12 +8,14 @@
 //! Layout:
 //! - `history`: the JSON-lines history (invoke/ok/fail/info), pairing.
 //! - `checker`: verdicts; `checker/linearizable` (Wing–Gong–Lowe search per
-//!   path), `checker/lost_writes`, `checker/convergence`.
+//!   path), `checker/lost_writes`, `checker/files`, `checker/convergence`.
 //! - `api`: a small blocking HTTP client for synod's API.
 //! - `cluster`: config generation, node processes, start/kill/pause.
 //! - `netns`: namespaces, bridge, veths, nftables and `tc` rules.
-//! - `nemesis`: faults with start/stop and seeded schedules.
-//! - `workload`: the `register` workload's clients.
+//! - `nemesis`: faults with start/stop, partition shapes, seeded or fixed
+//!   schedules.
+//! - `workload`: the `register` workload's clients; `workload/files`: the
+//!   `files` workload (larger files put, edited, renamed, deleted).
 //! - `report`: the stdout summary and `report.html`.
 //! - `run`: one run end to end, re-checking, campaigns.
 

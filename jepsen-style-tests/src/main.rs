@@ -14,7 +14,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use synod_lab::checker::Verdict;
 use synod_lab::cluster::NetMode;
 use synod_lab::nemesis;
+use synod_lab::nemesis::parse_duration;
 use synod_lab::run::{self, RunOptions};
+use synod_lab::workload;
 
 #[derive(Debug, Parser)]
 #[command(name = "synod-lab", about = "Failure-injection lab for synod", version)]
@@ -49,6 +51,18 @@ enum Cmd {
         #[arg(long)]
         smoke: bool,
     },
+    /// Shows the checkers catch a real bug: runs synod with a deliberately
+    /// unsafe test-only option (stale local reads, no read index) under a
+    /// partition and succeeds only if a checker reports the run invalid.
+    /// Needs `cargo build -p synod-node --features lab-hooks`.
+    Selftest {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Runs (consecutive seeds) before giving up; the first invalid one
+        /// ends the test.
+        #[arg(long, default_value_t = 3)]
+        attempts: u64,
+    },
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -57,24 +71,25 @@ enum Net {
     Loopback,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum Workload {
-    Register,
-}
-
 #[derive(Debug, Args)]
 struct RunArgs {
     /// Cluster size.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
     nodes: u64,
-    #[arg(long, value_enum, default_value = "register")]
-    workload: Workload,
-    /// Comma-separated faults: partition, kill, pause, loss, bandwidth,
-    /// disk-full, none.
+    /// Comma-separated workloads: register, files.
+    #[arg(long, default_value = "register")]
+    workload: String,
+    /// Comma-separated faults: partition, partition-ring, partition-bridge,
+    /// kill, pause, loss, bandwidth, delay, clock-jump, disk-full, none.
     /// Default for `run`: all that the network mode allows; for `campaign`:
-    /// a rotating pair.
+    /// a rotating pair. `delay` (without netem) and `clock-jump` need a
+    /// synod built with `--features lab-hooks`.
     #[arg(long)]
     nemesis: Option<String>,
+    /// A fixed fault schedule instead of the seeded one:
+    /// `AT KIND FOR, ...`, e.g. `4s partition 10s, 20s kill 5s`.
+    #[arg(long)]
+    schedule: Option<String>,
     /// How long the workload runs: `60s`, `2m`, `500ms`.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     time_limit: Duration,
@@ -83,9 +98,22 @@ struct RunArgs {
     seed: u64,
     #[arg(long, value_enum, default_value = "netns")]
     net: Net,
-    /// Concurrent clients.
+    /// Concurrent clients of the register workload.
     #[arg(long, default_value_t = 5)]
     clients: usize,
+    /// Concurrent clients of the files workload.
+    #[arg(long, default_value_t = 3)]
+    file_clients: usize,
+    /// Largest file of the files workload: `2MiB`, `32MiB`, `512KiB`.
+    #[arg(long, default_value = "2MiB", value_parser = parse_size)]
+    file_size_max: usize,
+    /// Register writes always carry a precondition (cas only).
+    #[arg(long)]
+    cas_only: bool,
+    /// LAB ONLY, test-only node hooks for every node (`SYNOD_LAB_HOOKS`,
+    /// e.g. `stale-reads` or `delay-ms=50`); needs a lab-hooks build.
+    #[arg(long)]
+    node_hooks: Option<String>,
     /// The synod binary (default: beside this binary, then $PATH).
     #[arg(long, env = "SYNOD_BIN")]
     synod: Option<PathBuf>,
@@ -94,21 +122,22 @@ struct RunArgs {
     out: PathBuf,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// `2MiB`, `512KiB`, `1GiB` or a byte count.
+fn parse_size(s: &str) -> Result<usize, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: usize = num
         .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 60s, 2m or 500ms"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" | "" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
-    }
+        .map_err(|_| format!("{s:?} is not a size like 2MiB"))?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        _ => return Err(format!("{s:?}: unit must be KiB, MiB or GiB")),
+    };
+    Ok(n * mult)
 }
 
 /// `synod` beside this executable (the workspace's target dir), else PATH.
@@ -151,7 +180,16 @@ fn options(a: &RunArgs, default_all: bool) -> Result<RunOptions> {
             .collect(),
         None => Vec::new(),
     };
-    let Workload::Register = a.workload;
+    let workloads = workload::parse_workloads(&a.workload)
+        .map_err(anyhow::Error::msg)
+        .context("reading --workload")?;
+    let schedule = a
+        .schedule
+        .as_deref()
+        .map(|t| nemesis::parse_schedule(t, a.seed))
+        .transpose()
+        .map_err(anyhow::Error::msg)
+        .context("reading --schedule")?;
     let synod = find_synod(a.synod.as_deref())?;
     let synod = synod
         .canonicalize()
@@ -170,6 +208,12 @@ fn options(a: &RunArgs, default_all: bool) -> Result<RunOptions> {
         net,
         synod,
         out,
+        workloads,
+        file_clients: a.file_clients,
+        file_size_max: a.file_size_max,
+        schedule,
+        hooks_env: a.node_hooks.clone(),
+        blind_writes: !a.cas_only,
     })
 }
 
@@ -207,6 +251,21 @@ fn real_main() -> Result<ExitCode> {
                 println!("{line}");
             }
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Selftest { run: a, attempts } => {
+            let base = options(&a, false)?;
+            let (caught, lines) = run::selftest(&base, attempts);
+            println!("selftest:");
+            for l in &lines {
+                println!("  {l}");
+            }
+            if caught {
+                println!("  the checkers caught the unsafe node: PASS");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("  no checker caught the unsafe node in {attempts} runs: FAIL");
+                Ok(ExitCode::from(1))
+            }
         }
         Cmd::Campaign {
             run: a,
@@ -262,5 +321,13 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
         assert!(parse_duration("1h").is_err());
+    }
+
+    #[test]
+    fn sizes_parse_with_units() {
+        assert_eq!(parse_size("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_size("512KiB"), Ok(512 << 10));
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert!(parse_size("2MB").is_err());
     }
 }

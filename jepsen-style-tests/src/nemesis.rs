@@ -3,9 +3,10 @@
 //! The schedule (which fault, when, for how long) depends only on the seed,
 //! the enabled faults and the time limit, so a seed replays the same
 //! schedule; targets chosen by role (the leader) depend on the run. Network
-//! faults need `--net netns`. Delay and reordering would need `netem`,
-//! which this machine's kernel lacks, or a node-side test hook that synod
-//! does not have yet: [`netns::netem_available`] reports which.
+//! faults need `--net netns`. Delay and reordering use `netem` where the
+//! kernel has it ([`netns::netem_available`]), else the node's test-only
+//! delay hook; clock jumps always use the node's clock-offset hook. Both
+//! hooks need a `synod` built with `--features lab-hooks`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -28,16 +29,28 @@ pub enum NemesisKind {
     Bandwidth,
     /// Fill one node's folder filesystem (a small tmpfs) until ENOSPC.
     DiskFull,
+    /// Every node sees a majority, but each a different one.
+    PartitionRing,
+    /// Two halves joined by one node that sees both.
+    PartitionBridge,
+    /// Random delay per message, so messages overtake each other.
+    Delay,
+    /// One node's wall clock jumps forward or back.
+    ClockJump,
 }
 
 impl NemesisKind {
-    pub const ALL: [NemesisKind; 6] = [
+    pub const ALL: [NemesisKind; 10] = [
         NemesisKind::Partition,
         NemesisKind::Kill,
         NemesisKind::Pause,
         NemesisKind::Loss,
         NemesisKind::Bandwidth,
         NemesisKind::DiskFull,
+        NemesisKind::PartitionRing,
+        NemesisKind::PartitionBridge,
+        NemesisKind::Delay,
+        NemesisKind::ClockJump,
     ];
 
     /// Whether the fault needs `--net netns` (network rules, or root to
@@ -46,10 +59,23 @@ impl NemesisKind {
         matches!(
             self,
             NemesisKind::Partition
+                | NemesisKind::PartitionRing
+                | NemesisKind::PartitionBridge
                 | NemesisKind::Loss
                 | NemesisKind::Bandwidth
                 | NemesisKind::DiskFull
         )
+    }
+
+    /// Whether the fault needs the node's test-only hooks (`synod` built
+    /// with `--features lab-hooks`): clock jumps always, delay when the
+    /// kernel has no `netem` (always so in loopback mode).
+    pub fn needs_hooks(self, netem: bool) -> bool {
+        match self {
+            NemesisKind::ClockJump => true,
+            NemesisKind::Delay => !netem,
+            _ => false,
+        }
     }
 }
 
@@ -62,6 +88,10 @@ impl fmt::Display for NemesisKind {
             NemesisKind::Loss => "loss",
             NemesisKind::Bandwidth => "bandwidth",
             NemesisKind::DiskFull => "disk-full",
+            NemesisKind::PartitionRing => "partition-ring",
+            NemesisKind::PartitionBridge => "partition-bridge",
+            NemesisKind::Delay => "delay",
+            NemesisKind::ClockJump => "clock-jump",
         })
     }
 }
@@ -70,13 +100,19 @@ impl fmt::Display for NemesisKind {
 #[non_exhaustive]
 pub enum NemesisError {
     #[error(
-        "unknown nemesis {0:?} (known: partition, kill, pause, loss, bandwidth, disk-full, none)"
+        "unknown nemesis {0:?} (known: partition, partition-ring, partition-bridge, kill, pause, loss, bandwidth, delay, clock-jump, disk-full, none)"
     )]
     Unknown(String),
     #[error(transparent)]
     Cluster(#[from] ClusterError),
     #[error(transparent)]
     Net(#[from] netns::NetError),
+    #[error("node {node}'s clock did not jump {offset_ms}ms (it is {seen:?}ms off)")]
+    ClockNotMoved {
+        node: u64,
+        offset_ms: i64,
+        seen: Option<i64>,
+    },
     #[error("cannot fill {path}")]
     Fill {
         path: std::path::PathBuf,
@@ -108,6 +144,59 @@ pub fn parse_list(s: &str) -> Result<Vec<NemesisKind>, NemesisError> {
         }
     }
     Ok(out)
+}
+
+/// Parses `60s`, `2m`, `500ms` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 60s, 2m or 500ms"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" | "" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+/// Parses a fixed schedule, `AT KIND FOR` per fault, comma-separated:
+/// `4s partition 10s, 20s kill 5s`. Windows must not overlap; targets are
+/// chosen from `seed`.
+pub fn parse_schedule(text: &str, seed: u64) -> Result<Vec<Step>, String> {
+    let mut steps: Vec<Step> = Vec::new();
+    for (i, item) in text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .enumerate()
+    {
+        let words: Vec<&str> = item.split_whitespace().collect();
+        let [at, kind, duration] = words[..] else {
+            return Err(format!(
+                "{item:?}: expected `AT KIND FOR`, e.g. `4s partition 10s`"
+            ));
+        };
+        let step = Step {
+            at: parse_duration(at)?,
+            kind: kind.parse().map_err(|e: NemesisError| e.to_string())?,
+            duration: parse_duration(duration)?,
+            choice: seed
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .wrapping_add(i as u64),
+        };
+        if let Some(prev) = steps.last() {
+            if prev.at + prev.duration >= step.at {
+                return Err(format!("{item:?} starts before the previous fault ends"));
+            }
+        }
+        steps.push(step);
+    }
+    Ok(steps)
 }
 
 /// One scheduled fault window.
@@ -177,6 +266,20 @@ pub enum Active {
         node: u64,
         filler: std::path::PathBuf,
     },
+    /// Each listed node drops what it receives from the nodes beside it.
+    Grudge {
+        shape: String,
+        drops: Vec<(u64, Vec<u64>)>,
+    },
+    /// Random delay up to `max_ms` per message (plus reordering with netem).
+    Delay {
+        max_ms: u64,
+        netem: bool,
+    },
+    ClockJump {
+        node: u64,
+        offset_ms: i64,
+    },
 }
 
 impl fmt::Display for Active {
@@ -188,8 +291,36 @@ impl fmt::Display for Active {
             Active::Loss { percent } => write!(f, "loss {percent}% on every node"),
             Active::Bandwidth { rate } => write!(f, "bandwidth {rate} on every node"),
             Active::DiskFull { node, .. } => write!(f, "disk full on node {node}"),
+            Active::Grudge { shape, drops } => {
+                write!(f, "{shape}:")?;
+                for (i, (node, from)) in drops.iter().enumerate() {
+                    let sep = if i == 0 { "" } else { ";" };
+                    write!(f, "{sep} {node} drops {from:?}")?;
+                }
+                Ok(())
+            }
+            Active::Delay { max_ms, netem } => write!(
+                f,
+                "delay 0..{max_ms}ms per message on every node ({})",
+                if *netem {
+                    "netem, with reordering"
+                } else {
+                    "node hook"
+                }
+            ),
+            Active::ClockJump { node, offset_ms } => {
+                write!(f, "clock of node {node} jumps {offset_ms:+}ms")
+            }
         }
     }
+}
+
+/// The lab's wall clock, ms since the epoch.
+fn wall_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 /// Picks a node: the leader half the time (if known), else any.
@@ -201,6 +332,56 @@ fn pick_node(rng: &mut StdRng, cluster: &Cluster) -> u64 {
         }
     }
     ids.choose(rng).copied().unwrap_or(1)
+}
+
+/// The majorities ring over `order` (Jepsen's `majorities-ring`): node `i`
+/// hears itself and its ring neighbours, a majority in all, and drops the
+/// rest; no two adjacent nodes hear the same majority. With 3 nodes the
+/// links are one-way (each node hears the next one only).
+pub fn ring_grudge(order: &[u64]) -> Vec<(u64, Vec<u64>)> {
+    let n = order.len();
+    let m = n / 2 + 1;
+    let (before, after) = ((m - 1) / 2, m / 2);
+    order
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            let view: Vec<u64> = (0..=before + after)
+                .map(|j| order[(i + n - before + j) % n])
+                .collect();
+            let mut drops: Vec<u64> = order
+                .iter()
+                .copied()
+                .filter(|o| !view.contains(o))
+                .collect();
+            drops.sort_unstable();
+            (*id, drops)
+        })
+        .filter(|(_, d)| !d.is_empty())
+        .collect()
+}
+
+/// A bridge over `order` (Jepsen's `bridge`): the first (n-1)/2 nodes and
+/// the last n/2 cannot hear each other; the node between them hears both.
+pub fn bridge_grudge(order: &[u64]) -> Vec<(u64, Vec<u64>)> {
+    let n = order.len();
+    if n < 3 {
+        return Vec::new();
+    }
+    let split = (n - 1) / 2;
+    let (left, right) = (&order[..split], &order[split + 1..]);
+    let sorted = |s: &[u64]| {
+        let mut v = s.to_vec();
+        v.sort_unstable();
+        v
+    };
+    let mut drops: Vec<(u64, Vec<u64>)> = left
+        .iter()
+        .map(|id| (*id, sorted(right)))
+        .chain(right.iter().map(|id| (*id, sorted(left))))
+        .collect();
+    drops.sort_unstable();
+    drops
 }
 
 /// Starts the fault of `step`.
@@ -271,6 +452,65 @@ pub fn start(step: &Step, cluster: &mut Cluster) -> Result<Active, NemesisError>
             fill_until_full(&filler)?;
             Active::DiskFull { node, filler }
         }
+        NemesisKind::PartitionRing | NemesisKind::PartitionBridge => {
+            let mut order = ids.clone();
+            order.shuffle(&mut rng);
+            let (shape, drops) = if step.kind == NemesisKind::PartitionRing {
+                ("majority ring", ring_grudge(&order))
+            } else {
+                ("bridge", bridge_grudge(&order))
+            };
+            for (id, from) in &drops {
+                netns::drop_from(*id, from)?;
+            }
+            Active::Grudge {
+                shape: shape.to_string(),
+                drops,
+            }
+        }
+        NemesisKind::Delay => {
+            let max_ms = rng.gen_range(20..=150);
+            if cluster.netem {
+                for id in &ids {
+                    netns::netem_delay(*id, max_ms)?;
+                }
+            } else {
+                for id in &ids {
+                    cluster.set_hooks(*id, &serde_json::json!({ "delay_ms": max_ms }))?;
+                }
+            }
+            Active::Delay {
+                max_ms,
+                netem: cluster.netem,
+            }
+        }
+        NemesisKind::ClockJump => {
+            let node = pick_node(&mut rng, cluster);
+            let magnitude: i64 = *[30_000, 600_000, 86_400_000]
+                .choose(&mut rng)
+                .unwrap_or(&30_000);
+            let offset_ms = if rng.gen_bool(0.5) {
+                magnitude
+            } else {
+                -magnitude
+            };
+            let before = wall_ms();
+            let answer =
+                cluster.set_hooks(node, &serde_json::json!({ "clock_offset_ms": offset_ms }))?;
+            // The node answers with its own clock: check the jump took.
+            let seen = answer
+                .get("now_ns")
+                .and_then(|v| v.as_i64())
+                .map(|ns| ns / 1_000_000 - before);
+            if seen.is_none_or(|d| (d - offset_ms).abs() >= 5_000) {
+                return Err(NemesisError::ClockNotMoved {
+                    node,
+                    offset_ms,
+                    seen,
+                });
+            }
+            Active::ClockJump { node, offset_ms }
+        }
     };
     Ok(active)
 }
@@ -300,6 +540,24 @@ pub fn stop(active: &Active, cluster: &mut Cluster) -> Result<(), NemesisError> 
                 path: filler.clone(),
                 source,
             })?;
+        }
+        Active::Grudge { drops, .. } => {
+            for (id, _) in drops {
+                netns::heal(*id)?;
+            }
+        }
+        Active::Delay { netem: true, .. } => {
+            for n in &cluster.nodes {
+                netns::uncap_bandwidth(n.id);
+            }
+        }
+        Active::Delay { netem: false, .. } => {
+            for n in &cluster.nodes {
+                cluster.set_hooks(n.id, &serde_json::json!({ "delay_ms": 0 }))?;
+            }
+        }
+        Active::ClockJump { node, .. } => {
+            cluster.set_hooks(*node, &serde_json::json!({ "clock_offset_ms": 0 }))?;
         }
     }
     Ok(())
@@ -341,6 +599,13 @@ pub fn heal_all(cluster: &mut Cluster) -> Result<(), NemesisError> {
         if let Some(n) = cluster.node(id) {
             let _ = std::fs::remove_file(n.folder.join(".synod").join("lab-filler"));
         }
+        if cluster.hooks {
+            // A node that is down starts with no delay and no offset anyway.
+            let _ = cluster.set_hooks(
+                id,
+                &serde_json::json!({ "delay_ms": 0, "clock_offset_ms": 0 }),
+            );
+        }
         let (running, paused) = cluster
             .node(id)
             .map(|n| (n.is_running(), n.is_paused()))
@@ -372,9 +637,96 @@ mod tests {
         // Windows never overlap.
         assert!(a.windows(2).all(|w| w[0].at + w[0].duration < w[1].at));
         // Every kind appears once before repeats.
-        let mut first: Vec<NemesisKind> = a.iter().take(6).map(|s| s.kind).collect();
+        let kinds = vec![NemesisKind::Kill, NemesisKind::Loss, NemesisKind::Delay];
+        let a = schedule(42, &kinds, limit);
+        let mut first: Vec<NemesisKind> = a.iter().take(3).map(|s| s.kind).collect();
         first.sort();
         assert_eq!(first, kinds);
+    }
+
+    /// Node `id` hears every node of `order` it does not drop.
+    fn hears(drops: &[(u64, Vec<u64>)], order: &[u64], id: u64) -> Vec<u64> {
+        let none = Vec::new();
+        let d = drops
+            .iter()
+            .find(|(n, _)| *n == id)
+            .map(|(_, d)| d)
+            .unwrap_or(&none);
+        order.iter().copied().filter(|o| !d.contains(o)).collect()
+    }
+
+    #[test]
+    fn every_node_of_a_ring_hears_its_own_majority() {
+        for order in [
+            vec![3, 1, 2],
+            vec![5, 2, 4, 1, 3],
+            vec![1, 2, 3, 4, 5, 6, 7],
+        ] {
+            let drops = ring_grudge(&order);
+            let majority = order.len() / 2 + 1;
+            let views: Vec<Vec<u64>> = order.iter().map(|id| hears(&drops, &order, *id)).collect();
+            for (id, v) in order.iter().zip(&views) {
+                assert_eq!(v.len(), majority, "node {id} hears {v:?}");
+                assert!(v.contains(id));
+            }
+            // No majority is everyone's: the cluster is not simply split.
+            let mut distinct = views.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(distinct.len(), order.len(), "{views:?}");
+        }
+        // 5 nodes: the grudges are symmetric.
+        let order = [5, 2, 4, 1, 3];
+        let drops = ring_grudge(&order);
+        for (a, from) in &drops {
+            for b in from {
+                assert!(!hears(&drops, &order, *b).contains(a), "{a} / {b}");
+            }
+        }
+        assert!(ring_grudge(&[1, 2]).is_empty());
+    }
+
+    #[test]
+    fn a_bridge_joins_two_halves_through_one_node() {
+        let order = [4, 2, 5, 1, 3];
+        let drops = bridge_grudge(&order);
+        assert_eq!(
+            drops,
+            vec![
+                (1, vec![2, 4]),
+                (2, vec![1, 3]),
+                (3, vec![2, 4]),
+                (4, vec![1, 3])
+            ]
+        );
+        assert_eq!(hears(&drops, &order, 5).len(), 5);
+        assert_eq!(bridge_grudge(&[2, 3, 1]), vec![(1, vec![2]), (2, vec![1])]);
+        assert!(bridge_grudge(&[1, 2]).is_empty());
+    }
+
+    #[test]
+    fn only_clock_jumps_and_hooked_delay_need_the_node_hooks() {
+        assert!(NemesisKind::ClockJump.needs_hooks(true));
+        assert!(NemesisKind::Delay.needs_hooks(false));
+        assert!(!NemesisKind::Delay.needs_hooks(true));
+        assert!(!NemesisKind::Kill.needs_hooks(false));
+        assert!(!NemesisKind::Delay.needs_netns() && !NemesisKind::ClockJump.needs_netns());
+        assert!(NemesisKind::PartitionRing.needs_netns());
+    }
+
+    #[test]
+    fn fixed_schedules_parse_in_order() {
+        let s = parse_schedule("4s partition 10s, 20s clock-jump 2500ms", 1).expect("parse");
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].kind, NemesisKind::Partition);
+        assert_eq!(s[0].at, Duration::from_secs(4));
+        assert_eq!(s[1].duration, Duration::from_millis(2500));
+        assert_ne!(s[0].choice, s[1].choice);
+        assert!(parse_schedule("4s partition", 1).is_err());
+        assert!(parse_schedule("4s partition 10s, 8s kill 1s", 1).is_err());
+        assert!(parse_schedule("4s netem 1s", 1).is_err());
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("1h").is_err());
     }
 
     #[test]

@@ -220,6 +220,22 @@ pub fn uncap_bandwidth(id: u64) {
     let _ = in_ns(id, "tc", &["qdisc", "del", "dev", "eth0", "root"]);
 }
 
+/// Delays node `id`'s outgoing packets by 0..=`max_ms` (uniform jitter)
+/// and sends a quarter of them at once, so packets overtake each other
+/// (`netem`; see [`netem_available`]). Removed by [`uncap_bandwidth`].
+pub fn netem_delay(id: u64, max_ms: u64) -> Result<(), NetError> {
+    let half = format!("{}ms", max_ms.div_ceil(2));
+    in_ns(
+        id,
+        "tc",
+        &[
+            "qdisc", "replace", "dev", "eth0", "root", "netem", "delay", &half, &half, "reorder",
+            "25%", "50%",
+        ],
+    )?;
+    Ok(())
+}
+
 /// Whether the kernel has `netem` (delay/reorder); probed on node 1's eth0.
 pub fn netem_available() -> bool {
     let ok = in_ns(

@@ -224,6 +224,7 @@ mod tests {
             process: p,
             kind: OpKind::Write,
             path: "r".into(),
+            to: None,
             value: Some("<v>".into()),
             expect: None,
             version: Some(1),

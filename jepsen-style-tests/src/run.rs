@@ -15,13 +15,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::api::Api;
 use crate::checker::convergence::{self, FileState, NodeFolder};
-use crate::checker::{linearizable, lost_writes, overall, Finding, Verdict};
+use crate::checker::{
+    files as files_checker, linearizable, lost_writes, overall, Finding, Verdict,
+};
 use crate::cluster::{self, Cluster, ClusterError, NetMode};
 use crate::history::{self, Event, EventType, HistoryError, OpKind, Recorder, NEMESIS_PROCESS};
-use crate::nemesis::{self, NemesisKind};
+use crate::nemesis::{self, NemesisKind, Step};
 use crate::netns::{self, NetError};
 use crate::report;
-use crate::workload::{self, RegisterConfig};
+use crate::workload::files::{self, FilesConfig, FILES_PREFIX};
+use crate::workload::{self, RegisterConfig, WorkloadKind};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -37,6 +40,11 @@ pub enum RunError {
     NoNetns(#[source] NetError),
     #[error("nemesis {kind} needs --net netns")]
     NeedsNetns { kind: NemesisKind },
+    #[error("nemesis {kind} needs the node's lab hooks{why}: build synod with `cargo build -p synod-node --features lab-hooks`")]
+    NeedsHooks {
+        kind: NemesisKind,
+        why: &'static str,
+    },
     #[error(transparent)]
     Net(#[from] NetError),
     #[error(transparent)]
@@ -57,6 +65,38 @@ pub struct RunOptions {
     pub synod: PathBuf,
     /// Parent of the run directories.
     pub out: PathBuf,
+    pub workloads: Vec<WorkloadKind>,
+    /// Clients of the `files` workload.
+    pub file_clients: usize,
+    /// Largest file of the `files` workload.
+    pub file_size_max: usize,
+    /// A fixed fault schedule instead of the seeded one.
+    pub schedule: Option<Vec<Step>>,
+    /// `SYNOD_LAB_HOOKS` for every node (needs a `lab-hooks` build).
+    pub hooks_env: Option<String>,
+    /// Register clients may write without a precondition (else cas only).
+    pub blind_writes: bool,
+}
+
+impl RunOptions {
+    /// The faults of this run, in order.
+    pub fn steps(&self) -> Vec<Step> {
+        match &self.schedule {
+            Some(s) => s.clone(),
+            None => nemesis::schedule(self.seed, &self.nemeses, self.time_limit),
+        }
+    }
+
+    /// Every nemesis the run uses (the fixed schedule's too).
+    pub fn all_nemeses(&self) -> Vec<NemesisKind> {
+        let mut kinds = self.nemeses.clone();
+        for s in self.schedule.iter().flatten() {
+            if !kinds.contains(&s.kind) {
+                kinds.push(s.kind);
+            }
+        }
+        kinds
+    }
 }
 
 /// What a run (or a re-check) found.
@@ -101,6 +141,7 @@ fn nemesis_event(rec: &Recorder, op: OpKind, what: &str) -> Result<Event, Histor
         process: NEMESIS_PROCESS,
         op,
         path: String::new(),
+        to: None,
         value: None,
         version: None,
         node: None,
@@ -119,7 +160,7 @@ pub fn register_paths() -> Vec<String> {
 /// quiet period, final reads, convergence capture, checks, report.
 pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     if opts.net == NetMode::Loopback {
-        if let Some(k) = opts.nemeses.iter().find(|k| k.needs_netns()) {
+        if let Some(k) = opts.all_nemeses().iter().find(|k| k.needs_netns()) {
             return Err(RunError::NeedsNetns { kind: *k });
         }
     }
@@ -130,19 +171,19 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     let dir = opts.out.join(format!("run-{}-{stamp}", opts.seed));
     std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let mut notes = Vec::new();
+    let mut netem = false;
     if opts.net == NetMode::Netns {
         netns::preflight().map_err(RunError::NoNetns)?;
         netns::setup(opts.nodes)?;
-        if netns::netem_available() {
-            notes.push("netem: available (delay/reorder nemeses not implemented yet)".to_string());
+        netem = netns::netem_available();
+        notes.push(if netem {
+            "netem: available; the delay nemesis uses it (delay and reordering)".to_string()
         } else {
-            notes.push(
-                "netem: NOT available in this kernel; delay/reorder need a node-side hook (not built)"
-                    .to_string(),
-            );
-        }
+            "netem: NOT available in this kernel; the delay nemesis uses the node's delay hook"
+                .to_string()
+        });
     }
-    let result = run_in(opts, &dir, &mut notes);
+    let result = run_in(opts, &dir, netem, &mut notes);
     if opts.net == NetMode::Netns {
         if let Err(e) = netns::clean() {
             notes.push(format!("cleanup: {e}"));
@@ -153,8 +194,13 @@ pub fn run(opts: &RunOptions) -> Result<RunOutcome, RunError> {
     check_dir(&dir)
 }
 
-fn run_in(opts: &RunOptions, dir: &Path, notes: &mut Vec<String>) -> Result<(), RunError> {
-    let steps = nemesis::schedule(opts.seed, &opts.nemeses, opts.time_limit);
+fn run_in(
+    opts: &RunOptions,
+    dir: &Path,
+    netem: bool,
+    notes: &mut Vec<String>,
+) -> Result<(), RunError> {
+    let steps = opts.steps();
     let plan: Vec<String> = steps
         .iter()
         .map(|s| {
@@ -167,27 +213,76 @@ fn run_in(opts: &RunOptions, dir: &Path, notes: &mut Vec<String>) -> Result<(), 
         })
         .collect();
     write(&dir.join("schedule.txt"), &plan.join("\n"))?;
-    let tmpfs = opts.nemeses.contains(&NemesisKind::DiskFull);
-    let mut cluster = Cluster::start(dir, opts.nodes, opts.net, &opts.synod, tmpfs)?;
+    let tmpfs = opts.all_nemeses().contains(&NemesisKind::DiskFull);
+    let mut cluster = Cluster::start(
+        dir,
+        opts.nodes,
+        opts.net,
+        &opts.synod,
+        tmpfs,
+        opts.hooks_env.as_deref(),
+    )?;
+    cluster.netem = netem;
+    if let Some(h) = &opts.hooks_env {
+        notes.push(format!("LAB HOOKS on every node: SYNOD_LAB_HOOKS={h}"));
+    }
+    if let Some(k) = opts
+        .all_nemeses()
+        .into_iter()
+        .find(|k| k.needs_hooks(netem) && !cluster.hooks)
+    {
+        let why = if k == NemesisKind::Delay {
+            " (this kernel has no netem)"
+        } else {
+            ""
+        };
+        return Err(RunError::NeedsHooks { kind: k, why });
+    }
     let rec = Arc::new(Recorder::create(&dir.join("history.jsonl"))?);
     let targets: workload::Targets = cluster
         .nodes
         .iter()
         .map(|n| (n.id, n.api.clone()))
         .collect();
-    let paths = register_paths();
+    let register = opts.workloads.contains(&WorkloadKind::Register);
+    let with_files = opts.workloads.contains(&WorkloadKind::Files);
+    let paths = if register {
+        register_paths()
+    } else {
+        Vec::new()
+    };
+    let file_paths = if with_files {
+        files::files_paths(6)
+    } else {
+        Vec::new()
+    };
     let cfg = RegisterConfig {
-        clients: opts.clients,
+        clients: if register { opts.clients } else { 0 },
         paths: paths.clone(),
         seed: opts.seed,
         timeout: Duration::from_millis(cluster::WRITE_MS + 2000),
         think: Duration::from_millis(20),
+        blind_writes: opts.blind_writes,
+    };
+    let fcfg = FilesConfig {
+        clients: if with_files { opts.file_clients } else { 0 },
+        paths: file_paths.clone(),
+        seed: opts.seed,
+        max_size: opts.file_size_max,
+        // Uploads of several MiB under faults take longer than a register.
+        timeout: Duration::from_millis(cluster::WRITE_MS + 7000),
+        think: Duration::from_millis(50),
     };
     let start = Instant::now();
     let deadline = start + opts.time_limit;
     let clients = {
         let (cfg, targets, rec) = (cfg.clone(), targets.clone(), Arc::clone(&rec));
         std::thread::spawn(move || workload::run_register(&cfg, &targets, &rec, deadline))
+    };
+    let file_clients = {
+        let (fcfg, targets, rec) = (fcfg.clone(), targets.clone(), Arc::clone(&rec));
+        // Process ids far from the register clients' (which count from 1).
+        std::thread::spawn(move || files::run_files(&fcfg, &targets, &rec, deadline, 1 << 32))
     };
 
     for step in &steps {
@@ -209,13 +304,19 @@ fn run_in(opts: &RunOptions, dir: &Path, notes: &mut Vec<String>) -> Result<(), 
             Err(e) => notes.push(format!("starting {}: {}", step.kind, chain(&e))),
         }
     }
-    let ops = match clients.join() {
-        Ok(r) => r?,
-        Err(_) => {
-            notes.push("a client thread panicked".into());
-            0
+    let mut ops = 0;
+    for (name, handle) in [("register", clients), ("files", file_clients)] {
+        match handle.join() {
+            Ok(r) => {
+                let n = r?;
+                if n > 0 {
+                    notes.push(format!("workload {name}: {n} operations"));
+                }
+                ops += n;
+            }
+            Err(_) => notes.push(format!("a {name} client thread panicked")),
         }
-    };
+    }
     notes.push(format!("workload: {ops} operations"));
     if let Err(e) = nemesis::heal_all(&mut cluster) {
         notes.push(format!("healing: {}", chain(&e)));
@@ -233,8 +334,21 @@ fn run_in(opts: &RunOptions, dir: &Path, notes: &mut Vec<String>) -> Result<(), 
         &rec,
         Duration::from_secs(5),
         Instant::now() + Duration::from_secs(20),
+        workload::register_value,
     )?;
-    notes.push(format!("final reads: {got} of {}", paths.len()));
+    let got_files = workload::final_reads(
+        &file_paths,
+        &targets,
+        &rec,
+        Duration::from_secs(15),
+        Instant::now() + Duration::from_secs(30),
+        files::digest,
+    )?;
+    notes.push(format!(
+        "final reads: {} of {}",
+        got + got_files,
+        paths.len() + file_paths.len()
+    ));
 
     let snapshot = capture_convergence(&mut cluster, Duration::from_secs(20));
     let path = dir.join("convergence.json");
@@ -312,8 +426,19 @@ pub fn check_dir(dir: &Path) -> Result<RunOutcome, RunError> {
     let events = history::read_history(&dir.join("history.jsonl"))?;
     let ops = history::pair_operations(&events);
     let faults = history::fault_windows(&events);
-    let mut findings = linearizable::check(&ops, linearizable::DEFAULT_BUDGET);
-    findings.push(lost_writes::check(&ops));
+    // Register paths go to the register checkers, `files/` to its own.
+    let (file_ops, reg_ops): (Vec<_>, Vec<_>) = ops
+        .iter()
+        .cloned()
+        .partition(|o| o.path.starts_with(FILES_PREFIX));
+    let mut findings = Vec::new();
+    if !reg_ops.is_empty() || file_ops.is_empty() {
+        findings.extend(linearizable::check(&reg_ops, linearizable::DEFAULT_BUDGET));
+        findings.push(lost_writes::check(&reg_ops));
+    }
+    if !file_ops.is_empty() {
+        findings.push(files_checker::check(&file_ops));
+    }
     let conv_path = dir.join("convergence.json");
     match std::fs::read_to_string(&conv_path) {
         Ok(text) => {
@@ -469,26 +594,142 @@ pub fn campaign(plans: &[RunOptions]) -> (CampaignTotals, Vec<String>) {
 }
 
 /// The smoke campaign: short runs that together use every nemesis the
-/// network mode allows.
+/// network mode allows, both workloads, and files up to 2 MiB. Each run's
+/// seed is the first from `base.seed + 1000 * i` whose schedule fits all of
+/// the run's faults in its time limit, so coverage does not depend on luck.
 pub fn smoke_plans(base: &RunOptions) -> Vec<RunOptions> {
-    let sets: Vec<Vec<NemesisKind>> = match base.net {
+    use NemesisKind::*;
+    use WorkloadKind::{Files, Register};
+    let n = base.nodes;
+    // Ring and bridge shapes come once more with 5 nodes, where every
+    // ring link is two-way and the bridge joins two real halves.
+    let sets: Vec<(Vec<NemesisKind>, Vec<WorkloadKind>, u64)> = match base.net {
         NetMode::Netns => vec![
-            vec![NemesisKind::Partition, NemesisKind::Kill],
-            vec![NemesisKind::Pause, NemesisKind::Loss],
-            vec![NemesisKind::Bandwidth, NemesisKind::Partition],
-            vec![NemesisKind::DiskFull, NemesisKind::Kill],
+            (vec![Partition, Kill, ClockJump], vec![Register, Files], n),
+            (vec![Pause, Loss, PartitionRing], vec![Register, Files], n),
+            (vec![Bandwidth, PartitionBridge, Delay], vec![Register], n),
+            (vec![DiskFull, Kill], vec![Register], n),
+            (
+                vec![PartitionRing, PartitionBridge, Delay],
+                vec![Register, Files],
+                n.max(5),
+            ),
         ],
-        NetMode::Loopback => vec![vec![NemesisKind::Kill, NemesisKind::Pause]],
+        NetMode::Loopback => vec![
+            (vec![Kill, Delay], vec![Register, Files], n),
+            (vec![Pause, ClockJump], vec![Register], n),
+        ],
     };
+    let time_limit = Duration::from_secs(30);
     sets.into_iter()
         .enumerate()
-        .map(|(i, nemeses)| RunOptions {
-            nemeses,
-            seed: base.seed + i as u64,
-            time_limit: Duration::from_secs(25),
-            ..base.clone()
+        .map(|(i, (nemeses, workloads, nodes))| {
+            let first = base.seed + 1000 * i as u64;
+            let seed = (first..first + 1000)
+                .find(|s| {
+                    let steps = nemesis::schedule(*s, &nemeses, time_limit);
+                    nemeses.iter().all(|k| steps.iter().any(|st| st.kind == *k))
+                })
+                .unwrap_or(first);
+            RunOptions {
+                nodes,
+                nemeses,
+                workloads,
+                seed,
+                time_limit,
+                file_size_max: base.file_size_max.min(2 << 20),
+                schedule: None,
+                ..base.clone()
+            }
         })
         .collect()
+}
+
+/// The self-test: synod with a deliberately unsafe lab hook (reads served
+/// from local state, no read index) under a fault that makes stale state
+/// visible (one node cut off from the others in netns mode, message delay
+/// in loopback mode), which the linearizability or lost-writes checker must
+/// catch. A fixed schedule: the fault from 4 s to 14 s of a 20 s run.
+pub fn selftest_plan(base: &RunOptions, attempt: u64) -> RunOptions {
+    let kind = match base.net {
+        NetMode::Netns => NemesisKind::Partition,
+        NetMode::Loopback => NemesisKind::Delay,
+    };
+    let seed = base.seed + attempt;
+    RunOptions {
+        nodes: 3,
+        clients: base.clients.max(5),
+        nemeses: Vec::new(),
+        workloads: vec![WorkloadKind::Register],
+        time_limit: Duration::from_secs(20),
+        seed,
+        schedule: Some(vec![Step {
+            at: Duration::from_secs(4),
+            kind,
+            duration: Duration::from_secs(10),
+            choice: seed,
+        }]),
+        hooks_env: Some("stale-reads".into()),
+        // Cas only: the stale read is then the one anomaly to find, not
+        // masked by blind writes that may share a version.
+        blind_writes: false,
+        ..base.clone()
+    }
+}
+
+/// Whether the linearizability checker caught a stale read: an invalid
+/// path whose counterexample ends in a read (not some other anomaly, such
+/// as two writes sharing a version, which a sound node may also show).
+pub fn caught_unsafe(findings: &[Finding]) -> bool {
+    findings.iter().any(|f| {
+        f.verdict == Verdict::Invalid
+            && f.checker == linearizable::CHECKER
+            && f.details
+                .iter()
+                .any(|d| d.starts_with("cannot linearize:") && d.contains(" read -> "))
+    })
+}
+
+/// Runs [`selftest_plan`] up to `attempts` times, stopping at the first run
+/// the checkers find invalid. Returns whether one did, and a line per run.
+pub fn selftest(base: &RunOptions, attempts: u64) -> (bool, Vec<String>) {
+    let mut lines = Vec::new();
+    for attempt in 0..attempts.max(1) {
+        let plan = selftest_plan(base, attempt);
+        let head = format!(
+            "selftest {}/{} seed {} (stale reads + {})",
+            attempt + 1,
+            attempts.max(1),
+            plan.seed,
+            plan.all_nemeses()
+                .first()
+                .map(|k| k.to_string())
+                .unwrap_or_default()
+        );
+        match run(&plan) {
+            Ok(o) => {
+                println!("{}", o.summary);
+                let caught = caught_unsafe(&o.findings);
+                let what: Vec<String> = o
+                    .findings
+                    .iter()
+                    .filter(|f| f.verdict == Verdict::Invalid)
+                    .map(|f| f.checker.clone())
+                    .collect();
+                lines.push(format!(
+                    "{head}: {} — invalid: [{}] — {}",
+                    if caught { "CAUGHT" } else { "not caught" },
+                    what.join(", "),
+                    o.dir.display()
+                ));
+                if caught {
+                    return (true, lines);
+                }
+            }
+            Err(e) => lines.push(format!("{head}: ERROR {}", chain(&e))),
+        }
+    }
+    (false, lines)
 }
 
 /// Plans of a long campaign: seeds `seed..seed+runs`, every run with the
@@ -528,6 +769,12 @@ mod tests {
             net,
             synod: PathBuf::from("synod"),
             out: PathBuf::from("/nonexistent"),
+            workloads: vec![WorkloadKind::Register],
+            file_clients: 2,
+            file_size_max: 8 << 20,
+            schedule: None,
+            hooks_env: None,
+            blind_writes: true,
         }
     }
 
@@ -537,7 +784,17 @@ mod tests {
         let mut seen: Vec<NemesisKind> = plans.iter().flat_map(|p| p.nemeses.clone()).collect();
         seen.sort();
         seen.dedup();
-        assert_eq!(seen, NemesisKind::ALL.to_vec());
+        let mut all = NemesisKind::ALL.to_vec();
+        all.sort();
+        assert_eq!(seen, all);
+        assert!(plans
+            .iter()
+            .any(|p| p.workloads.contains(&WorkloadKind::Files)));
+        assert!(plans.iter().all(|p| p.file_size_max <= 2 << 20));
+        assert!(plans.iter().any(|p| p.nodes == 5));
+        // A few minutes in all.
+        let total: Duration = plans.iter().map(|p| p.time_limit).sum();
+        assert!(total <= Duration::from_secs(150), "{total:?}");
         // Each run's schedule really contains each of its nemeses.
         for p in &plans {
             let steps = nemesis::schedule(p.seed, &p.nemeses, p.time_limit);
@@ -549,6 +806,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn loopback_smoke_uses_the_faults_loopback_allows() {
+        let plans = smoke_plans(&base(NetMode::Loopback));
+        let seen: Vec<NemesisKind> = plans.iter().flat_map(|p| p.nemeses.clone()).collect();
+        for k in NemesisKind::ALL.into_iter().filter(|k| !k.needs_netns()) {
+            assert!(seen.contains(&k), "{k} missing");
+        }
+        assert!(seen.iter().all(|k| !k.needs_netns()));
+    }
+
+    #[test]
+    fn the_selftest_runs_an_unsafe_node_under_a_fixed_fault() {
+        let p = selftest_plan(&base(NetMode::Netns), 1);
+        assert_eq!(p.hooks_env.as_deref(), Some("stale-reads"));
+        assert!(!p.blind_writes);
+        assert_eq!(p.seed, 8);
+        let steps = p.steps();
+        assert_eq!(steps.len(), 1);
+        assert_eq!(steps[0].kind, NemesisKind::Partition);
+        assert!(steps[0].at + steps[0].duration + Duration::from_secs(2) <= p.time_limit);
+        let lo = selftest_plan(&base(NetMode::Loopback), 0);
+        assert!(lo.all_nemeses().iter().all(|k| !k.needs_netns()));
+        let invalid = |checker: &str, last: &str| Finding {
+            checker: checker.into(),
+            verdict: Verdict::Invalid,
+            summary: String::new(),
+            details: vec![
+                "shortest non-linearizable prefix: 9 operations".into(),
+                format!("cannot linearize: p9 [1.0..1.1] Ok {last} (node Some(1))"),
+            ],
+        };
+        assert!(caught_unsafe(&[invalid(
+            "linearizable",
+            "read -> Some(\"a\")@Some(3)"
+        )]));
+        // Only a stale read counts: not a write the model rejects, nor
+        // another checker's finding.
+        assert!(!caught_unsafe(&[invalid(
+            "linearizable",
+            "write Some(\"b\") -> @Some(4)"
+        )]));
+        assert!(!caught_unsafe(&[invalid(
+            "convergence",
+            "read -> None@None"
+        )]));
     }
 
     #[test]
@@ -569,6 +873,7 @@ mod tests {
             process,
             op,
             path: "reg0".into(),
+            to: None,
             value: value.map(str::to_string),
             version,
             node: Some(1),

@@ -4,6 +4,11 @@
 //! value is unique). Every operation is recorded as an invoke and one
 //! completion; a client whose operation ended `info` continues under a new
 //! process id. Clients stop at the deadline by themselves.
+//!
+//! `files` (in `workload/files.rs`) is the other workload: larger files put,
+//! edited in place, renamed and deleted.
+
+pub mod files;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -16,6 +21,47 @@ use crate::api::{Api, ApiError, Precondition};
 use crate::checker::lost_writes::FINAL_PROCESS;
 use crate::history::{Event, EventType, HistoryError, OpKind, Recorder};
 
+/// A workload the clients run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum WorkloadKind {
+    /// Read / write / cas on small registers (`reg0`..).
+    Register,
+    /// Larger files put, edited, renamed, deleted (`files/`).
+    Files,
+}
+
+impl std::fmt::Display for WorkloadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkloadKind::Register => "register",
+            WorkloadKind::Files => "files",
+        })
+    }
+}
+
+/// Parses `register,files`.
+pub fn parse_workloads(s: &str) -> Result<Vec<WorkloadKind>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let k = match part {
+            "register" => WorkloadKind::Register,
+            "files" => WorkloadKind::Files,
+            other => {
+                return Err(format!(
+                    "unknown workload {other:?} (known: register, files)"
+                ))
+            }
+        };
+        if !out.contains(&k) {
+            out.push(k);
+        }
+    }
+    if out.is_empty() {
+        return Err("no workload given".into());
+    }
+    Ok(out)
+}
+
 /// Settings of one workload run.
 #[derive(Debug, Clone)]
 pub struct RegisterConfig {
@@ -27,17 +73,21 @@ pub struct RegisterConfig {
     pub timeout: Duration,
     /// Pause between a client's operations (keeps histories checkable).
     pub think: Duration,
+    /// Whether writes may be unconditional; without, every write is a cas
+    /// (`If-Match` the last version seen, or create-only).
+    pub blind_writes: bool,
 }
 
 /// (node id, API address) of every node.
 pub type Targets = Vec<(u64, String)>;
 
-fn event(kind: EventType, process: u64, op: OpKind, path: &str) -> Event {
+pub(crate) fn event(kind: EventType, process: u64, op: OpKind, path: &str) -> Event {
     Event {
         kind,
         process,
         op,
         path: path.to_string(),
+        to: None,
         value: None,
         version: None,
         node: None,
@@ -48,7 +98,7 @@ fn event(kind: EventType, process: u64, op: OpKind, path: &str) -> Event {
 }
 
 /// Whether a failed write certainly had no effect.
-fn write_failed_for_sure(e: &ApiError) -> bool {
+pub(crate) fn write_failed_for_sure(e: &ApiError) -> bool {
     e.certainly_not_sent() || matches!(e.status(), Some(400 | 404 | 409 | 413))
 }
 
@@ -104,7 +154,7 @@ fn run_client(
         let roll = rng.gen_range(0..100);
         let kind = match roll {
             0..=49 => OpKind::Read,
-            50..=74 => OpKind::Write,
+            50..=74 if cfg.blind_writes => OpKind::Write,
             _ => OpKind::Cas,
         };
         let mut inv = event(EventType::Invoke, process, kind, path);
@@ -170,14 +220,21 @@ fn run_client(
     Ok(ops)
 }
 
+/// The recorded value of a register's bytes.
+pub fn register_value(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
 /// After healing: one successful linearizable read per path, recorded as
-/// [`FINAL_PROCESS`], trying every node in turn until `deadline`.
+/// [`FINAL_PROCESS`] with the value `encode` makes of the bytes, trying
+/// every node in turn until `deadline`.
 pub fn final_reads(
     paths: &[String],
     targets: &Targets,
     rec: &Recorder,
     timeout: Duration,
     deadline: Instant,
+    encode: fn(&[u8]) -> String,
 ) -> Result<usize, HistoryError> {
     let mut got = 0;
     for path in paths {
@@ -191,7 +248,7 @@ pub fn final_reads(
                 match Api::new(addr, timeout).read(path) {
                     Ok(r) => {
                         if let Some((bytes, version)) = r {
-                            done.value = Some(String::from_utf8_lossy(&bytes).into_owned());
+                            done.value = Some(encode(&bytes));
                             done.version = Some(version);
                         }
                         rec.record(done)?;
@@ -221,6 +278,16 @@ mod tests {
             code,
             body: String::new(),
         }
+    }
+
+    #[test]
+    fn workload_lists_parse() {
+        assert_eq!(
+            parse_workloads("files, register,files"),
+            Ok(vec![WorkloadKind::Files, WorkloadKind::Register])
+        );
+        assert!(parse_workloads("folder").is_err());
+        assert!(parse_workloads("").is_err());
     }
 
     #[test]

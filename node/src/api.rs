@@ -28,6 +28,7 @@ pub struct ApiState<N: PeerNet> {
     /// Every node of the cluster configuration, for `POST /v1/cluster/init`.
     pub initial_members: std::collections::BTreeMap<u64, synod_consensus::NodeInfo>,
     pub settings: synod_consensus::ClusterSettings,
+    pub verify: crate::verify::Shared,
 }
 
 impl IntoResponse for NodeError {
@@ -38,9 +39,13 @@ impl IntoResponse for NodeError {
             NodeError::Conflict { .. } => StatusCode::CONFLICT,
             NodeError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             NodeError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            NodeError::NotLeader { .. } => StatusCode::MISDIRECTED_REQUEST,
             _ => StatusCode::INTERNAL_SERVER_ERROR,
         };
         let mut body = json!({ "error": { "code": self.code(), "message": self.to_string() } });
+        if let NodeError::NotLeader { leader } = &self {
+            body["error"]["leader"] = json!(leader);
+        }
         if let NodeError::Conflict { current, .. } = &self {
             body["error"]["current"] = json!(current.as_deref().map(EntryView::from_entry));
         }
@@ -97,6 +102,10 @@ pub fn router<N: PeerNet>(state: Arc<ApiState<N>>) -> Router {
         .route("/v1/status", get(get_status::<N>))
         .route("/v1/cluster", get(get_cluster::<N>))
         .route("/v1/cluster/init", post(init_cluster::<N>))
+        .route("/v1/verify", post(start_verify::<N>).get(get_verify::<N>))
+        .route("/v1/cluster/learners", post(add_learner::<N>))
+        .route("/v1/cluster/promote", post(promote::<N>))
+        .route("/v1/cluster/remove", post(remove_member::<N>))
         .route("/v1/files", get(list_files::<N>))
         .route(
             "/v1/files/{*path}",
@@ -107,6 +116,7 @@ pub fn router<N: PeerNet>(state: Arc<ApiState<N>>) -> Router {
         // Uploads stream to disk under our own limit (`max_upload_bytes`).
         .layer(axum::extract::DefaultBodyLimit::disable())
         .route("/v1/rename", post(rename::<N>))
+        .merge(crate::lab_hooks::routes())
         .fallback(|| async { NodeError::NotFound("no such route".into()) })
         .with_state(state)
 }
@@ -116,7 +126,8 @@ fn parse_path(p: &str) -> Result<NsPath, NodeError> {
 }
 
 fn consistency(stale: Option<u8>) -> Consistency {
-    if stale.unwrap_or(0) != 0 {
+    // `lab_hooks::stale_reads` is always false unless built with `lab-hooks`.
+    if stale.unwrap_or(0) != 0 || crate::lab_hooks::stale_reads() {
         Consistency::Stale
     } else {
         Consistency::Linearizable
@@ -186,6 +197,129 @@ async fn init_cluster<N: PeerNet>(
         tracing::info!(?answer, "cluster settings proposed");
     }
     Ok(Json(json!({ "initialized": true, "fresh": fresh })))
+}
+
+async fn start_verify<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> Json<serde_json::Value> {
+    let started = crate::verify::start(s.node.clone(), s.verify.clone());
+    Json(json!({ "started": started }))
+}
+
+async fn get_verify<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+) -> Json<crate::verify::VerifyReport> {
+    Json(s.verify.lock().unwrap_or_else(|e| e.into_inner()).clone())
+}
+
+#[derive(Debug, Deserialize)]
+struct LearnerRequest {
+    id: u64,
+    /// QUIC address: `host:port` (UDP) or a multiaddr.
+    addr: String,
+    peer_id: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct MemberRequest {
+    id: u64,
+}
+
+/// Membership changes go through the leader only.
+fn require_leader<N: PeerNet>(node: &SyncNode<N>) -> Result<(), NodeError> {
+    let leader = node.raft.metrics().borrow().current_leader;
+    if leader == Some(node.id) {
+        Ok(())
+    } else {
+        Err(NodeError::NotLeader { leader })
+    }
+}
+
+fn membership_error(e: impl std::fmt::Display) -> NodeError {
+    NodeError::BadRequest(format!("membership change refused: {e}"))
+}
+
+async fn add_learner<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    Json(req): Json<LearnerRequest>,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    require_leader(&s.node)?;
+    if req.id == 0 {
+        return Err(NodeError::BadRequest("node id must be at least 1".into()));
+    }
+    let addr = match req.addr.parse::<std::net::SocketAddr>() {
+        Ok(sa) => crate::daemon::quic_addr(sa).to_string(),
+        Err(_) => req.addr.clone(),
+    };
+    let info = synod_consensus::NodeInfo {
+        addr,
+        peer_id: req.peer_id.clone(),
+    };
+    synod_transport::peer_of(&info)
+        .map_err(|e| NodeError::BadRequest(format!("learner {}: {e}", req.id)))?;
+    if s.node
+        .raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .get_node(&req.id)
+        .is_some()
+    {
+        return Err(NodeError::BadRequest(format!(
+            "node {} is already a member",
+            req.id
+        )));
+    }
+    s.node
+        .raft
+        .add_learner(req.id, info, false)
+        .await
+        .map_err(membership_error)?;
+    tracing::info!(node = req.id, addr = %req.addr, "learner added");
+    Ok(Json(json!({ "added": req.id, "role": "learner" })))
+}
+
+async fn promote<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    Json(req): Json<MemberRequest>,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    require_leader(&s.node)?;
+    let ids: std::collections::BTreeSet<u64> = [req.id].into();
+    s.node
+        .raft
+        .change_membership(openraft::ChangeMembers::AddVoterIds(ids), false)
+        .await
+        .map_err(membership_error)?;
+    tracing::info!(node = req.id, "promoted to voter");
+    Ok(Json(json!({ "promoted": req.id, "role": "voter" })))
+}
+
+async fn remove_member<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    Json(req): Json<MemberRequest>,
+) -> Result<Json<serde_json::Value>, NodeError> {
+    require_leader(&s.node)?;
+    let ids: std::collections::BTreeSet<u64> = [req.id].into();
+    let (voters, learners, _) = s.node.members();
+    if !voters.contains(&req.id) && !learners.contains(&req.id) {
+        return Err(NodeError::NotFound(format!("member {}", req.id)));
+    }
+    if voters.contains(&req.id) {
+        if voters.len() == 1 {
+            return Err(NodeError::BadRequest("cannot remove the last voter".into()));
+        }
+        s.node
+            .raft
+            .change_membership(openraft::ChangeMembers::RemoveVoters(ids.clone()), false)
+            .await
+            .map_err(membership_error)?;
+    }
+    s.node
+        .raft
+        .change_membership(openraft::ChangeMembers::RemoveNodes(ids), false)
+        .await
+        .map_err(membership_error)?;
+    tracing::info!(node = req.id, "removed from the cluster");
+    Ok(Json(json!({ "removed": req.id })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,7 +418,7 @@ async fn put_file<N: PeerNet>(
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        let now_ns = std::time::SystemTime::now()
+        let now_ns = crate::lab_hooks::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
             .unwrap_or(0);

@@ -117,6 +117,9 @@ struct RawTimeouts {
     /// it is answered 503.
     #[serde(default = "default_write")]
     write_ms: u64,
+    /// Interval of the folder rescan that backs up the filesystem watcher.
+    #[serde(default = "default_rescan")]
+    rescan_ms: u64,
 }
 
 fn default_heartbeat() -> u64 {
@@ -131,6 +134,9 @@ fn default_election_max() -> u64 {
 fn default_write() -> u64 {
     10_000
 }
+fn default_rescan() -> u64 {
+    60_000
+}
 
 impl Default for RawTimeouts {
     fn default() -> Self {
@@ -138,6 +144,7 @@ impl Default for RawTimeouts {
             heartbeat_ms: default_heartbeat(),
             election_min_ms: default_election_min(),
             election_max_ms: default_election_max(),
+            rescan_ms: default_rescan(),
             write_ms: default_write(),
         }
     }
@@ -149,16 +156,24 @@ struct RawLimits {
     /// Largest body `PUT /v1/files/{path}` accepts, in bytes.
     #[serde(default = "default_max_upload")]
     max_upload_bytes: u64,
+    /// Most bytes of pushed, not yet materialized chunks a node keeps.
+    #[serde(default = "default_max_staging")]
+    max_staging_bytes: u64,
 }
 
 fn default_max_upload() -> u64 {
     64 << 30
 }
 
+fn default_max_staging() -> u64 {
+    16 << 30
+}
+
 impl Default for RawLimits {
     fn default() -> Self {
         RawLimits {
             max_upload_bytes: default_max_upload(),
+            max_staging_bytes: default_max_staging(),
         }
     }
 }
@@ -191,6 +206,7 @@ pub struct ClusterConfig {
     pub replication: u32,
     pub timeouts: Timeouts,
     pub max_upload_bytes: u64,
+    pub max_staging_bytes: u64,
     pub nodes: BTreeMap<u64, NodeConfig>,
 }
 
@@ -207,6 +223,7 @@ pub struct Timeouts {
     pub election_min: Duration,
     pub election_max: Duration,
     pub write: Duration,
+    pub rescan: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -411,8 +428,10 @@ impl RawConfig {
                 election_min: Duration::from_millis(t.election_min_ms),
                 election_max: Duration::from_millis(t.election_max_ms),
                 write: Duration::from_millis(t.write_ms),
+                rescan: Duration::from_millis(t.rescan_ms.max(100)),
             },
             max_upload_bytes: self.limits.max_upload_bytes,
+            max_staging_bytes: self.limits.max_staging_bytes,
             nodes,
         })
     }

@@ -32,7 +32,7 @@ use crate::fsutil;
 use crate::local::LocalState;
 use crate::materializer;
 use crate::metrics::Metrics;
-use crate::peers::{ForwardOutcome, PeerError, PeerNet};
+use crate::peers::{ForwardOutcome, PeerError, PeerNet, WireStats};
 use crate::staging::Staging;
 
 /// Creates the data dir and identity of a node if needed; returns its peer id.
@@ -43,7 +43,7 @@ pub fn init_identity(data_dir: &Path) -> Result<PeerId> {
     Ok(key.public().to_peer_id())
 }
 
-fn quic_addr(addr: SocketAddr) -> Multiaddr {
+pub fn quic_addr(addr: SocketAddr) -> Multiaddr {
     let ip = match addr.ip() {
         std::net::IpAddr::V4(ip) => format!("/ip4/{ip}"),
         std::net::IpAddr::V6(ip) => format!("/ip6/{ip}"),
@@ -185,6 +185,7 @@ impl PeerNet for TransportNet {
     async fn forward(&self, peer: NodeId, request: Request) -> Result<ForwardOutcome, PeerError> {
         let p = self.peer(peer)?;
         let _ = &self.metrics;
+        crate::lab_hooks::delay_message().await;
         match self.handle.forward_write(p, request).await {
             Ok(ForwardResponse::Done(r)) => Ok(ForwardOutcome::Done(r)),
             Ok(ForwardResponse::NotLeader { leader }) => Ok(ForwardOutcome::NotLeader(leader)),
@@ -198,6 +199,7 @@ impl PeerNet for TransportNet {
 
     async fn read_index(&self, peer: NodeId) -> Result<ForwardOutcome, PeerError> {
         let p = self.peer(peer)?;
+        crate::lab_hooks::delay_message().await;
         match self.handle.read_index(p).await {
             Ok(ForwardResponse::ReadIndex(i)) => Ok(ForwardOutcome::ReadIndex(i)),
             Ok(ForwardResponse::NotLeader { leader }) => Ok(ForwardOutcome::NotLeader(leader)),
@@ -206,6 +208,15 @@ impl PeerNet for TransportNet {
                 "write answer to a read index".into(),
             )),
             Err(e) => Err(PeerError::new(peer, e)),
+        }
+    }
+
+    fn wire_stats(&self) -> WireStats {
+        let c = self.handle.metrics().codec.snapshot();
+        WireStats {
+            bytes_in: c.bytes_in,
+            bytes_out: c.bytes_out,
+            frames_rejected: c.rejected(),
         }
     }
 }
@@ -409,9 +420,10 @@ impl Daemon {
             .with_context(|| format!("opening the Raft state in {}", ncfg.data_dir.display()))?;
         let view = sm.view();
         let local = LocalState::open(&ncfg.data_dir.join("local"))?;
-        let staging = Staging::open(&ncfg.data_dir.join("staging"))
+        let staging = Staging::open(&ncfg.data_dir.join("staging"), cfg.max_staging_bytes)
             .with_context(|| format!("opening staging in {}", ncfg.data_dir.display()))?;
-        staging.sweep(Duration::from_secs(24 * 3600))?;
+        staging.sweep(STAGING_MAX_AGE, Duration::ZERO)?;
+        tokio::spawn(sweep_staging(staging.clone()));
 
         let members = configured_members(&cfg)?;
         let services = Arc::new(NodeServices {
@@ -438,7 +450,8 @@ impl Daemon {
         rcfg.election_timeout_max = cfg.timeouts.election_max.as_millis() as u64;
         rcfg.snapshot_max_chunk_size = synod_transport::raft_network::max_snapshot_chunk_size();
         let rcfg = Arc::new(rcfg.validate()?);
-        let network = P2pRaftNetwork::new(transport.clone(), id);
+        // The identity without the `lab-hooks` feature.
+        let network = crate::lab_hooks::raft_network(P2pRaftNetwork::new(transport.clone(), id));
         let raft = SynodRaft::new(id, rcfg, network, log_store, sm)
             .await
             .context("starting Raft")?;
@@ -472,6 +485,7 @@ impl Daemon {
             metrics,
             uploads: Arc::new(Mutex::new(HashMap::new())),
             watermark: watch::Sender::new(watermark),
+            folder_lock: tokio::sync::Mutex::new(()),
         });
         if services.node.set(node.clone()).is_err() {
             bail!("services initialized twice");
@@ -481,6 +495,10 @@ impl Daemon {
         let mut tasks = vec![transport_task];
         tasks.push(tokio::spawn(
             materializer::run(node.clone(), shutdown.subscribe()).in_current_span(),
+        ));
+        tasks.push(tokio::spawn(
+            crate::scanner::run(node.clone(), cfg.timeouts.rescan, shutdown.subscribe())
+                .in_current_span(),
         ));
         tasks.push(tokio::spawn(
             follow_membership(
@@ -506,6 +524,7 @@ impl Daemon {
                 chunk_max: cfg.chunking.max,
                 replication: cfg.replication,
             },
+            verify: Default::default(),
         });
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(
@@ -550,6 +569,28 @@ impl Daemon {
 
 /// Keeps the transport's allow-list equal to the committed membership plus
 /// the configured bootstrap nodes.
+/// Staged chunks of writes that never committed go after a day.
+const STAGING_MAX_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// Sweeps the staging area hourly, so a long-running node's orphans go too.
+async fn sweep_staging(staging: Staging) {
+    let mut every = tokio::time::interval(Duration::from_secs(3600));
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let s = staging.clone();
+        match tokio::task::spawn_blocking(move || {
+            s.sweep(STAGING_MAX_AGE, Duration::from_secs(3600))
+        })
+        .await
+        {
+            Ok(Ok(n)) if n > 0 => info!(removed = n, "swept stale staged chunks"),
+            Ok(Err(e)) => warn!(error = %e, "sweeping the staging area failed"),
+            _ => {}
+        }
+    }
+}
+
 async fn follow_membership(
     raft: SynodRaft,
     transport: TransportHandle,

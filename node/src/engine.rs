@@ -49,6 +49,10 @@ pub struct SyncNode<N: PeerNet> {
     pub(crate) uploads: Arc<Mutex<HashMap<Hash, PathBuf>>>,
     /// This node's materialized watermark.
     pub(crate) watermark: watch::Sender<u64>,
+    /// Held by the materializer while it changes the folder and by the
+    /// scanner while it commits what it found, so neither acts on a file
+    /// the other is halfway through.
+    pub(crate) folder_lock: tokio::sync::Mutex<()>,
 }
 
 impl<N: PeerNet> std::fmt::Debug for SyncNode<N> {
@@ -208,7 +212,11 @@ impl<N: PeerNet> SyncNode<N> {
 
     /// Pushes the chunks each voter lacks until `replication` nodes (this
     /// one included) hold them fsynced. Returns those nodes.
-    async fn replicate(&self, manifest: &Manifest, file: &Path) -> Result<Vec<NodeId>, NodeError> {
+    pub(crate) async fn replicate(
+        &self,
+        manifest: &Manifest,
+        file: &Path,
+    ) -> Result<Vec<NodeId>, NodeError> {
         let mut holders = vec![self.id];
         let need = (self.replication as usize).saturating_sub(1);
         if need == 0 {
@@ -321,9 +329,13 @@ impl<N: PeerNet> SyncNode<N> {
             let leader = self.raft.metrics().borrow().current_leader;
             match leader {
                 Some(l) if l == self.id => {
-                    match self.proposer.propose_with_id(rid, cmd.clone()).await {
-                        Ok(answer) => return Ok(answer),
-                        Err(e) => last_error = format!("{e}"),
+                    // Bounded: a proposal stuck behind a lost leadership is
+                    // retried under the same request id, which applies once.
+                    let proposal = self.proposer.propose_with_id(rid, cmd.clone());
+                    match tokio::time::timeout_at(deadline, proposal).await {
+                        Ok(Ok(answer)) => return Ok(answer),
+                        Ok(Err(e)) => last_error = format!("{e}"),
+                        Err(_) => last_error = "proposal not answered in time".into(),
                     }
                 }
                 Some(l) => {

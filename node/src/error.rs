@@ -21,6 +21,8 @@ pub enum NodeError {
     TooLarge { limit: u64 },
     #[error("no quorum: {0}")]
     Unavailable(String),
+    #[error("this node is not the leader (leader: {})", leader.map_or("unknown".to_string(), |l| format!("node {l}")))]
+    NotLeader { leader: Option<u64> },
     #[error("{0}")]
     Internal(String),
 }
@@ -35,6 +37,7 @@ impl NodeError {
             NodeError::Conflict { .. } => "conflict",
             NodeError::TooLarge { .. } => "too_large",
             NodeError::Unavailable(_) => "unavailable",
+            NodeError::NotLeader { .. } => "not_leader",
             NodeError::Internal(_) => "internal",
         }
     }

@@ -8,13 +8,18 @@
 //! - `daemon`: starting and stopping one node; the transport-backed network.
 //! - `engine`: [`engine::SyncNode`], the write path and reads.
 //! - `materializer`: the materialize path, following the change feed.
+//! - `scanner`: local edits in the folder become commits.
+//! - `verify`: rehash local files against their committed roots and repair.
 //! - `peers`: the network as the engine needs it ([`peers::PeerNet`]).
 //! - `local`, `staging`, `fsutil`: what a node keeps on its own disk.
 //! - `api`, `status`, `metrics`: the HTTP API, status page and counters.
-//! - `client`, `up`, `logging`: the CLI's side.
+//! - `client`, `up`, `bench`, `logging`: the CLI's side.
 //! - `conflict`: names of conflict copies.
+//! - `lab_hooks`: test-only fault hooks for synod-lab (feature `lab-hooks`;
+//!   inert stubs without it).
 
 pub mod api;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod conflict;
@@ -22,11 +27,14 @@ pub mod daemon;
 pub mod engine;
 pub mod error;
 pub mod fsutil;
+pub mod lab_hooks;
 pub mod local;
 pub mod logging;
 pub mod materializer;
 pub mod metrics;
 pub mod peers;
+pub mod scanner;
 pub mod staging;
 pub mod status;
 pub mod up;
+pub mod verify;

@@ -11,6 +11,7 @@ use synod_merkle::Hash;
 const FILES: &str = "local_files";
 const MANIFESTS: &str = "manifests";
 const META: &str = "local_meta";
+const PENDING: &str = "pending";
 const WATERMARK: &[u8] = b"watermark";
 
 /// A file as this node last wrote it into the folder.
@@ -50,7 +51,22 @@ pub struct LocalState {
     files: sled::Tree,
     manifests: sled::Tree,
     meta: sled::Tree,
+    pending: sled::Tree,
     index: ChunkIndex,
+}
+
+/// A local edit that could not be committed yet (no quorum): the durable
+/// pending journal, retried in the order the edits were found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingEdit {
+    /// What the edit will commit: "put", "delete" or "rename".
+    pub kind: String,
+    /// The version the edit was based on (None: a new file).
+    pub base: Option<u64>,
+    /// When it was first found, ms since the Unix epoch.
+    pub since_ms: u64,
+    /// Why the last attempt failed.
+    pub error: String,
 }
 
 /// The encoding of local records and of manifests pushed between nodes.
@@ -93,6 +109,7 @@ impl LocalState {
             files: db.open_tree(FILES)?,
             manifests: db.open_tree(MANIFESTS)?,
             meta: db.open_tree(META)?,
+            pending: db.open_tree(PENDING)?,
             index: ChunkIndex::with_db(&db)?,
             db,
         })
@@ -121,6 +138,47 @@ impl LocalState {
             .insert(manifest.root().as_bytes(), encode(manifest))?;
         self.files.insert(path.as_bytes(), encode(file))?;
         Ok(())
+    }
+
+    /// Every file record, in path order.
+    pub fn files(&self) -> Result<Vec<(String, LocalFile)>, LocalStateError> {
+        let mut out = Vec::new();
+        for kv in self.files.iter() {
+            let (k, v) = kv?;
+            let path = String::from_utf8_lossy(&k).into_owned();
+            let f = decode(&path, &v)?;
+            out.push((path, f));
+        }
+        Ok(out)
+    }
+
+    /// Journals `edit` of `path`, keeping the first `since_ms` if it was
+    /// already pending.
+    pub fn set_pending(&self, path: &str, mut edit: PendingEdit) -> Result<(), LocalStateError> {
+        if let Some(old) = self.pending.get(path.as_bytes())? {
+            let old: PendingEdit = decode(path, &old)?;
+            edit.since_ms = old.since_ms;
+        }
+        self.pending.insert(path.as_bytes(), encode(&edit))?;
+        Ok(())
+    }
+
+    pub fn clear_pending(&self, path: &str) -> Result<(), LocalStateError> {
+        self.pending.remove(path.as_bytes())?;
+        Ok(())
+    }
+
+    /// The pending journal, oldest first.
+    pub fn pending(&self) -> Result<Vec<(String, PendingEdit)>, LocalStateError> {
+        let mut out = Vec::new();
+        for kv in self.pending.iter() {
+            let (k, v) = kv?;
+            let path = String::from_utf8_lossy(&k).into_owned();
+            let e: PendingEdit = decode(&path, &v)?;
+            out.push((path, e));
+        }
+        out.sort_by_key(|(_, e)| e.since_ms);
+        Ok(out)
     }
 
     pub fn forget_file(&self, path: &str) -> Result<(), LocalStateError> {

@@ -110,6 +110,7 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     } else {
         changes[changes.len() - 1].version
     };
+    let _folder = node.folder_lock.lock().await;
     // Live entries first: a rename's target can then take the bytes of its
     // source before the source's tombstone removes them.
     let (live, dead): (Vec<Change>, Vec<Change>) =
@@ -136,7 +137,7 @@ async fn set_watermark<N: PeerNet>(node: &SyncNode<N>, w: u64) -> Result<(), Mat
     Ok(())
 }
 
-async fn materialize_entry<N: PeerNet>(
+pub(crate) async fn materialize_entry<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     path: &NsPath,
     entry: &Entry,
@@ -199,7 +200,8 @@ async fn materialize_entry<N: PeerNet>(
         }
         None => assemble(node, path, entry, local.as_ref()).await?,
     };
-    let placed = fsutil::place(&tmp, &target);
+    // Mode and mtime travel with the entry.
+    let placed = set_mode_and_mtime(&tmp, entry).and_then(|()| fsutil::place(&tmp, &target));
     if from_upload {
         node.uploads
             .lock()
@@ -225,6 +227,19 @@ async fn materialize_entry<N: PeerNet>(
     }
     Metrics::add(&node.metrics.files_materialized, 1);
     debug!(path = %path, version = entry.version, "materialized");
+    Ok(())
+}
+
+fn set_mode_and_mtime(file: &std::path::Path, entry: &Entry) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let f = std::fs::File::options().write(true).open(file)?;
+    if entry.mode & 0o7777 != 0 {
+        f.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
+    }
+    if entry.mtime_ns > 0 {
+        let t = std::time::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64);
+        f.set_modified(t)?;
+    }
     Ok(())
 }
 
@@ -272,8 +287,7 @@ fn preserve_local_edit<N: PeerNet>(
             }
         }
     }
-    let aside =
-        crate::conflict::conflict_name(path.as_str(), node.id, std::time::SystemTime::now());
+    let aside = crate::conflict::conflict_name(path.as_str(), node.id, crate::lab_hooks::now());
     let aside_path = node.folder.join(&aside);
     warn!(path = %path, kept_as = %aside, "local file changed behind synod's back; kept beside the committed one");
     fsutil::place(target, &aside_path).map_err(io_err(format!("keeping {}", target.display())))
@@ -585,7 +599,9 @@ async fn remove_entry<N: PeerNet>(
                 }
                 Metrics::add(&node.metrics.files_removed, 1);
             } else {
-                preserve_local_edit(node, path, &target, local.as_ref(), None)?;
+                // Edit/delete conflict: the edit is kept where it is and, no
+                // longer recorded, is committed again by the scanner.
+                warn!(path = %path, "deleted remotely but edited here; the edit is kept");
             }
         }
         Err(_) => {}

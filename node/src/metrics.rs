@@ -58,6 +58,12 @@ counters! {
     writes_committed,
     /// Writes answered with a precondition conflict.
     writes_conflicted,
+    /// Folder scans completed.
+    scans_completed,
+    /// Local files chunked and hashed because a scan found them changed.
+    files_hashed,
+    /// Local edits that lost a race and were kept as conflict copies.
+    conflict_copies,
 }
 
 impl Metrics {

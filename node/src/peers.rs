@@ -82,6 +82,21 @@ pub trait PeerNet: Send + Sync + 'static {
         peer: NodeId,
         request: Request,
     ) -> impl Future<Output = Result<ForwardOutcome, PeerError>> + Send;
+
+    /// Bytes framed on the wire so far, every protocol and peer together.
+    fn wire_stats(&self) -> WireStats {
+        WireStats::default()
+    }
+}
+
+/// Traffic of the peer protocols, counted at the framing layer (QUIC and
+/// TLS overhead not included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireStats {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Frames from peers rejected as oversized, truncated or malformed.
+    pub frames_rejected: u64,
 }
 
 /// What a forwarded write came back with.

@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::SyncNode;
 use crate::metrics::MetricsSnapshot;
-use crate::peers::PeerNet;
+use crate::peers::{PeerNet, WireStats};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -22,6 +22,22 @@ pub struct StatusReport {
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
     pub metrics: MetricsSnapshot,
+    pub wire: WireStats,
+    /// Bytes of pushed chunks waiting in the staging area.
+    pub staging_bytes: u64,
+    /// Local edits waiting for a quorum.
+    pub pending_count: usize,
+    /// The oldest of them (at most 100).
+    pub pending: Vec<PendingReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PendingReport {
+    pub path: String,
+    pub kind: String,
+    pub base: Option<u64>,
+    pub since_ms: u64,
+    pub error: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +61,7 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
     let m = node.raft.metrics().borrow().clone();
     let (voters, learners, leader) = node.members();
     let view = node.reader.view();
+    let pending = node.local.pending().unwrap_or_default();
     StatusReport {
         node: node.id,
         role: format!("{:?}", m.state).to_lowercase(),
@@ -58,6 +75,20 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
         voters: voters.into_iter().collect(),
         learners: learners.into_iter().collect(),
         metrics: node.metrics.snapshot(),
+        wire: node.net.wire_stats(),
+        staging_bytes: node.staging.used(),
+        pending_count: pending.len(),
+        pending: pending
+            .into_iter()
+            .take(100)
+            .map(|(path, e)| PendingReport {
+                path,
+                kind: e.kind,
+                base: e.base,
+                since_ms: e.since_ms,
+                error: e.error,
+            })
+            .collect(),
     }
 }
 
@@ -92,8 +123,14 @@ pub fn prometheus<N: PeerNet>(node: &SyncNode<N>) -> String {
          # TYPE synod_raft_is_leader gauge\nsynod_raft_is_leader{{node=\"{id}\"}} {is_leader}\n\
          # TYPE synod_applied_index gauge\nsynod_applied_index{{node=\"{id}\"}} {}\n\
          # TYPE synod_watermark gauge\nsynod_watermark{{node=\"{id}\"}} {}\n\
-         # TYPE synod_namespace_entries gauge\nsynod_namespace_entries{{node=\"{id}\"}} {}\n",
-        s.term, s.applied, s.watermark, s.entries
+         # TYPE synod_namespace_entries gauge\nsynod_namespace_entries{{node=\"{id}\"}} {}\n\
+         # TYPE synod_wire_bytes_received counter\nsynod_wire_bytes_received{{node=\"{id}\"}} {}\n\
+         # TYPE synod_wire_bytes_sent counter\nsynod_wire_bytes_sent{{node=\"{id}\"}} {}\n\
+         # TYPE synod_wire_frames_rejected counter\nsynod_wire_frames_rejected{{node=\"{id}\"}} {}\n\
+         # TYPE synod_pending_edits gauge\nsynod_pending_edits{{node=\"{id}\"}} {}\n\
+         # TYPE synod_staging_bytes gauge\nsynod_staging_bytes{{node=\"{id}\"}} {}\n",
+        s.term, s.applied, s.watermark, s.entries, s.wire.bytes_in, s.wire.bytes_out, s.wire.frames_rejected,
+        s.pending_count, s.staging_bytes
     ));
     out
 }

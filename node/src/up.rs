@@ -100,7 +100,7 @@ fn initialize(client: &Client, children: &mut [(u64, Child)]) -> Result<()> {
 }
 
 /// SIGTERM to every child, then SIGKILL to any still running after 10 s.
-fn stop(children: &mut [(u64, Child)]) {
+pub(crate) fn stop(children: &mut [(u64, Child)]) {
     for (_, c) in children.iter() {
         let pid = nix::unistd::Pid::from_raw(c.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

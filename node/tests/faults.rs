@@ -54,3 +54,183 @@ fn a_killed_leader_is_replaced_and_writes_resume() {
     c.start_node(old);
     c.must_see_file(old, "after.bin", &after);
 }
+
+/// Every regular file under `folder` outside `.synod/`, as relative paths.
+fn files_in(folder: &std::path::Path) -> std::collections::BTreeSet<String> {
+    fn walk(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        out: &mut std::collections::BTreeSet<String>,
+    ) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            if p == root.join(".synod") {
+                continue;
+            }
+            if e.file_type().unwrap().is_dir() {
+                walk(root, &p, out);
+            } else {
+                out.insert(p.strip_prefix(root).unwrap().to_string_lossy().into_owned());
+            }
+        }
+    }
+    let mut out = std::collections::BTreeSet::new();
+    if folder.exists() {
+        walk(folder, folder, &mut out);
+    }
+    out
+}
+
+#[test]
+fn a_node_killed_at_any_moment_of_catching_up_ends_whole() {
+    use std::collections::BTreeMap;
+    let mut c = TestCluster::start(3);
+    let leader = c.leader();
+    let victim = (1..=3).find(|&i| i != leader).unwrap();
+    c.kill_node(victim);
+    // Every version ever committed per path: a file seen at a kill point
+    // must equal one of them, never a mix.
+    let mut versions: BTreeMap<String, Vec<Vec<u8>>> = BTreeMap::new();
+    let put = |c: &TestCluster,
+               versions: &mut BTreeMap<String, Vec<Vec<u8>>>,
+               path: &str,
+               data: Vec<u8>| {
+        c.client(leader).put(path, &data[..], None).unwrap();
+        versions.entry(path.to_string()).or_default().push(data);
+    };
+    for i in 0..30u64 {
+        let len = if i % 5 == 0 {
+            6_000_000
+        } else {
+            30_000 + 997 * i as usize
+        };
+        put(
+            &c,
+            &mut versions,
+            &format!("crash/{i:02}"),
+            random_bytes(len, 100 + i),
+        );
+    }
+    put(&c, &mut versions, "crash/00", random_bytes(6_000_100, 200));
+    c.client(leader).rename("crash/01", "crash/moved").unwrap();
+    versions.insert("crash/moved".into(), versions["crash/01"].clone());
+    c.client(leader).delete("crash/02", None).unwrap();
+
+    // Kill the victim at spread-out moments of its catch-up, checking its
+    // folder each time it is down.
+    for (round, ms) in [250u64, 600, 1000, 1500, 2200].into_iter().enumerate() {
+        c.start_node(victim);
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+        c.kill_node(victim);
+        for name in files_in(&c.folder(victim)) {
+            let on_disk = std::fs::read(c.folder(victim).join(&name)).unwrap();
+            let known = versions
+                .get(&name)
+                .unwrap_or_else(|| panic!("round {round}: {name} was never committed"));
+            assert!(
+                known.contains(&on_disk),
+                "round {round}: {name} ({} bytes) is torn: it matches no committed version",
+                on_disk.len()
+            );
+        }
+        // More work arrives while it is down.
+        put(
+            &c,
+            &mut versions,
+            &format!("crash/late-{round}"),
+            random_bytes(2_000_000, 300 + round as u64),
+        );
+    }
+
+    c.start_node(victim);
+    let mut want: BTreeMap<String, Vec<u8>> = versions
+        .iter()
+        .map(|(k, v)| (k.clone(), v.last().unwrap().clone()))
+        .collect();
+    want.remove("crash/01");
+    want.remove("crash/02");
+    for (path, data) in &want {
+        c.must_see_file(victim, path, data);
+    }
+    c.must_retry("exactly the committed files", || {
+        let have = files_in(&c.folder(victim));
+        let expected: std::collections::BTreeSet<String> = want.keys().cloned().collect();
+        if have == expected {
+            Ok(())
+        } else {
+            Err(common::io(format!(
+                "extra {:?}, missing {:?}",
+                have.difference(&expected).collect::<Vec<_>>(),
+                expected.difference(&have).collect::<Vec<_>>()
+            )))
+        }
+    });
+    let tmp_left = std::fs::read_dir(c.folder(victim).join(".synod/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(tmp_left, 0, "temp files left in the folder");
+    // Every node agrees on the namespace.
+    let root = c.client(leader).status().unwrap()["namespace_root"].clone();
+    c.must_retry("the same namespace root", || {
+        let r = c.client(victim).status()?["namespace_root"].clone();
+        if r == root {
+            Ok(())
+        } else {
+            Err(common::io(format!("root {r} != {root}")))
+        }
+    });
+}
+
+/// A request body that trickles in, so a kill lands mid-upload.
+struct Trickle {
+    data: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for Trickle {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        let n = buf.len().min(256 * 1024).min(self.data.len() - self.pos);
+        buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+#[test]
+fn a_writer_killed_mid_upload_commits_nothing_and_leaves_nothing() {
+    let mut c = TestCluster::start(3);
+    let leader = c.leader();
+    let writer = (1..=3).find(|&i| i != leader).unwrap();
+    // About 2.3 s of trickling; the kill comes at 0.5 s.
+    let body = Trickle {
+        data: random_bytes(60_000_000, 400),
+        pos: 0,
+    };
+    let api = c.apis[writer - 1].clone();
+    let upload = std::thread::spawn(move || {
+        synod_node::client::Client::new(&api).put("cut/big.bin", body, None)
+    });
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    c.kill_node(writer);
+    let answer = upload.join().unwrap();
+    assert!(
+        answer.is_err(),
+        "the upload cannot have finished: {answer:?}"
+    );
+    c.start_node(writer);
+    c.must_retry("the writer to come back", || c.client(writer).status());
+    for id in 1..=3 {
+        let s = c.client(id).stat("cut/big.bin");
+        assert!(
+            matches!(&s, Err(e) if e.status() == Some(404)),
+            "node {id}: an interrupted upload is visible: {s:?}"
+        );
+        assert!(!c.folder(id).join("cut/big.bin").exists());
+    }
+    let tmp_left = std::fs::read_dir(c.folder(writer).join(".synod/tmp"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(tmp_left, 0, "the writer's partial upload was not swept");
+}

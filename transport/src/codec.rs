@@ -85,6 +85,8 @@ pub struct CodecMetrics {
     truncated: AtomicU64,
     malformed: AtomicU64,
     unsendable: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -98,6 +100,10 @@ pub struct CodecCounts {
     pub malformed: u64,
     /// Our own messages that were too large or failed to encode.
     pub unsendable: u64,
+    /// Frame bytes (headers included) received whole, every protocol.
+    pub bytes_in: u64,
+    /// Frame bytes (headers included) sent, every protocol.
+    pub bytes_out: u64,
 }
 
 impl CodecCounts {
@@ -115,6 +121,8 @@ impl CodecMetrics {
             truncated: self.truncated.load(Ordering::Relaxed),
             malformed: self.malformed.load(Ordering::Relaxed),
             unsendable: self.unsendable.load(Ordering::Relaxed),
+            bytes_in: self.bytes_in.load(Ordering::Relaxed),
+            bytes_out: self.bytes_out.load(Ordering::Relaxed),
         }
     }
 
@@ -305,6 +313,9 @@ where
     if let Err(got) = fill(io, &mut body).await? {
         return Err(truncated(got, len));
     }
+    metrics
+        .bytes_in
+        .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
     decode_body(&body, protocol, direction, limit).map_err(reject)
 }
 
@@ -328,7 +339,7 @@ pub fn write_frame<'a, T, W>(
     protocol: &'static str,
     direction: Direction,
     limit: usize,
-    metrics: &CodecMetrics,
+    metrics: &'a CodecMetrics,
 ) -> impl std::future::Future<Output = io::Result<()>> + Send + 'a
 where
     T: Serialize,
@@ -339,7 +350,11 @@ where
         io::Error::new(io::ErrorKind::InvalidInput, err)
     });
     async move {
-        io.write_all(&frame?).await?;
+        let frame = frame?;
+        io.write_all(&frame).await?;
+        metrics
+            .bytes_out
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
         io.flush().await
     }
 }

@@ -51,6 +51,14 @@ const INITIAL: State = State {
     version: Some(0),
 };
 
+/// Whether `op`'s version (if known) is above the state's (if known).
+fn newer(s: State, op: &RegOp) -> bool {
+    match (s.version, op.version) {
+        (Some(current), Some(new)) => new > current,
+        _ => true,
+    }
+}
+
 /// Applies `op` to `s`; `None` if the model forbids it.
 fn step(s: State, op: &RegOp) -> Option<State> {
     match op.kind {
@@ -68,7 +76,9 @@ fn step(s: State, op: &RegOp) -> Option<State> {
                 _ => Some(s),
             }
         }
-        OpKind::Write => Some(State {
+        // Every commit has a higher version (its Raft index) than the one
+        // before: a write can only move the version forward.
+        OpKind::Write => newer(s, op).then_some(State {
             value: op.value,
             version: op.version,
         }),
@@ -81,12 +91,13 @@ fn step(s: State, op: &RegOp) -> Option<State> {
                     None => s.value.is_some(),
                 }
             };
-            matches.then_some(State {
+            (matches && newer(s, op)).then_some(State {
                 value: op.value,
                 version: op.version,
             })
         }
-        OpKind::Start | OpKind::Stop => Some(s),
+        // Not register operations: the checker never passes them here.
+        OpKind::Rename | OpKind::Delete | OpKind::Start | OpKind::Stop => Some(s),
     }
 }
 
@@ -344,6 +355,12 @@ pub fn describe(o: &Operation) -> String {
             o.value,
             o.version
         ),
+        OpKind::Rename => format!(
+            "rename -> {} @{:?}",
+            o.to.as_deref().unwrap_or("?"),
+            o.version
+        ),
+        OpKind::Delete => format!("delete -> @{:?}", o.version),
         OpKind::Start | OpKind::Stop => format!("{:?}", o.kind),
     };
     format!(
@@ -390,6 +407,7 @@ mod tests {
             process: p,
             kind,
             path: "r".into(),
+            to: None,
             value: value.map(str::to_string),
             expect: None,
             version,
@@ -444,6 +462,25 @@ mod tests {
         // overlap the write, and r3 ends before r4 ends, so r4 can still
         // come first: linearizable.
         assert_eq!(must_verdict(&h).verdict, Verdict::Valid);
+    }
+
+    #[test]
+    fn versions_only_move_forward() {
+        // Two concurrent writes acknowledged at one version: whichever goes
+        // second would not advance the version.
+        let h = [
+            w(1, "a", 5, 0, 3),
+            w(2, "b", 5, 1, 3),
+            r(3, Some("b"), 5, 4, 5),
+        ];
+        assert_eq!(must_verdict(&h).verdict, Verdict::Invalid);
+        // A write acknowledged at an older version than one already read.
+        let h = [
+            w(1, "a", 7, 0, 1),
+            r(2, Some("a"), 7, 2, 3),
+            w(3, "b", 6, 4, 5),
+        ];
+        assert_eq!(must_verdict(&h).verdict, Verdict::Invalid);
     }
 
     #[test]

@@ -43,6 +43,7 @@ pub fn check(ops: &[Operation]) -> Finding {
             .filter(|o| o.outcome == EventType::Ok)
             .collect();
         acked += ok_writes.len();
+        problems.extend(shared_versions(path, &ok_writes));
         let final_read = ops
             .iter()
             .filter(|o| {
@@ -130,6 +131,30 @@ pub fn check(ops: &[Operation]) -> Finding {
     )
 }
 
+/// Versions are unique per commit (DESIGN.md section 2): two different
+/// acknowledged writes of one path at the same version break `If-Match`
+/// (a cas on that version may overwrite the other write unseen).
+pub fn shared_versions(path: &str, acked: &[&&Operation]) -> Vec<String> {
+    let mut by_version: BTreeMap<u64, Vec<&Operation>> = BTreeMap::new();
+    for w in acked {
+        if let Some(v) = w.version {
+            by_version.entry(v).or_default().push(w);
+        }
+    }
+    by_version
+        .into_iter()
+        .filter(|(_, ws)| ws.len() > 1)
+        .map(|(v, ws)| {
+            let all: Vec<String> = ws.iter().map(|w| describe(w)).collect();
+            format!(
+                "{path}: {} acknowledged changes share version {v}: {}",
+                ws.len(),
+                all.join(" / ")
+            )
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +171,7 @@ mod tests {
             process: p,
             kind,
             path: "r".into(),
+            to: None,
             value: v.map(str::to_string),
             expect: None,
             version: ver,
@@ -207,6 +233,22 @@ mod tests {
             fin(Some("b"), 3),
         ];
         assert_eq!(check(&h).verdict, Verdict::Invalid);
+    }
+
+    #[test]
+    fn two_acknowledged_writes_at_one_version_are_caught() {
+        let h = [
+            op(1, OpKind::Write, Some("a"), Some(3), 0, EventType::Ok),
+            op(2, OpKind::Write, Some("b"), Some(3), 0, EventType::Ok),
+            fin(Some("b"), 3),
+        ];
+        let f = check(&h);
+        assert_eq!(f.verdict, Verdict::Invalid);
+        assert!(
+            f.details.iter().any(|d| d.contains("share version 3")),
+            "{:?}",
+            f.details
+        );
     }
 
     #[test]

@@ -19,6 +19,8 @@ pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
     pub apis: Vec<String>,
+    /// The configuration each node runs with.
+    node_configs: Vec<PathBuf>,
     children: Vec<Option<Child>>,
 }
 
@@ -45,10 +47,19 @@ impl TestCluster {
     }
 
     pub fn start_with(n: usize, extra: &str) -> TestCluster {
+        Self::start_inner(n, "", extra)
+    }
+
+    /// `timeouts`: extra lines of the `[timeouts]` table.
+    pub fn start_with_timeouts(n: usize, timeouts: &str) -> TestCluster {
+        Self::start_inner(n, timeouts, "")
+    }
+
+    fn start_inner(n: usize, timeouts: &str, extra: &str) -> TestCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut text = format!(
             "cluster = \"test\"\nfolder = \"./node{{id}}/folder\"\ndata_dir = \"./node{{id}}/state\"\n\
-             [timeouts]\nheartbeat_ms = 200\nelection_min_ms = 1000\nelection_max_ms = 2000\nwrite_ms = 15000\n\
+             [timeouts]\nheartbeat_ms = 200\nelection_min_ms = 1000\nelection_max_ms = 2000\nwrite_ms = 15000\n{timeouts}\n\
              [limits]\nmax_upload_bytes = 100000000\n{extra}\n"
         );
         let mut apis = Vec::new();
@@ -77,6 +88,7 @@ impl TestCluster {
         }
         let mut c = TestCluster {
             dir,
+            node_configs: vec![config.clone(); n],
             config,
             apis,
             children: (0..n).map(|_| None).collect(),
@@ -106,7 +118,7 @@ impl TestCluster {
         let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_synod"))
             .arg("--config")
-            .arg(&self.config)
+            .arg(&self.node_configs[id - 1])
             .args(["run", "--node", &id.to_string()])
             .env(
                 "RUST_LOG",
@@ -118,6 +130,48 @@ impl TestCluster {
             .spawn()
             .unwrap();
         self.children[id - 1] = Some(child);
+    }
+
+    /// Starts one more node that is not a member: its own configuration
+    /// lists every node, the others' does not list it. Returns its id and
+    /// peer id.
+    pub fn start_extra_node(&mut self) -> (usize, String, String) {
+        let id = self.apis.len() + 1;
+        let api = format!("127.0.0.1:{}", free_tcp_port());
+        let quic = format!("127.0.0.1:{}", free_udp_port());
+        let mut text = std::fs::read_to_string(&self.config).unwrap();
+        text.push_str(&format!(
+            "[[node]]\nid = {id}\naddress = \"{quic}\"\napi = \"{api}\"\n"
+        ));
+        let config = self.dir.path().join(format!("cluster-{id}.toml"));
+        std::fs::write(&config, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_synod"))
+            .arg("--config")
+            .arg(&config)
+            .args(["init", "--node", &id.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "init failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let peer = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        self.apis.push(api);
+        self.node_configs.push(config);
+        self.children.push(None);
+        self.start_node(id);
+        (id, quic, peer)
+    }
+
+    /// Runs the `synod` CLI against this cluster's configuration.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_synod"))
+            .arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .output()
+            .unwrap()
     }
 
     /// SIGKILL, no chance to clean up.

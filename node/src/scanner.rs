@@ -1,0 +1,747 @@
+//! Local edits become commits (DESIGN.md section 4): a scan of the folder
+//! at start, on filesystem events (coalesced) and periodically, comparing
+//! size, mtime and inode with the local records and rehashing only what
+//! changed. New and edited files are committed with `expect: Version(base)`,
+//! vanished ones deleted, moved ones renamed; a lost race becomes a
+//! conflict copy beside the winner; edits without quorum wait in the
+//! pending journal.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::stream::{self, StreamExt};
+use notify::Watcher;
+use synod_chunker::Manifest;
+use synod_consensus::{Answer, Command, Entry, EntryKind, Expect, NsPath};
+use tokio::sync::{broadcast, Notify};
+use tracing::{debug, info, warn};
+
+use crate::engine::SyncNode;
+use crate::error::NodeError;
+use crate::fsutil;
+use crate::local::{LocalFile, PendingEdit};
+use crate::metrics::Metrics;
+use crate::peers::PeerNet;
+
+/// The ignore file at the folder's root, gitignore syntax.
+pub const IGNORE_FILE: &str = ".synodignore";
+/// A file modified more recently than this is still being written.
+const SETTLE: Duration = Duration::from_millis(1000);
+/// Quiet time after a filesystem event before scanning.
+const DEBOUNCE: Duration = Duration::from_millis(300);
+/// Files chunked and replicated at once.
+const PARALLEL: usize = 8;
+
+/// Names never synced: our own state, editor swap and backup files.
+fn builtin_ignored(name: &str) -> bool {
+    name == ".synod"
+        || name == "4913"
+        || name.ends_with(".swp")
+        || name.ends_with(".swx")
+        || name.ends_with(".swpx")
+        || name.ends_with('~')
+        || name.starts_with(".#")
+        || (name.starts_with('#') && name.ends_with('#') && name.len() > 1)
+        || name == ".DS_Store"
+}
+
+/// One file as found on disk.
+#[derive(Debug, Clone)]
+struct Found {
+    path: NsPath,
+    abs: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+    mode: u32,
+}
+
+impl Found {
+    fn matches(&self, l: &LocalFile) -> bool {
+        self.size == l.size && self.mtime_ns == l.mtime_ns && self.inode == l.inode
+    }
+}
+
+/// What a scan decided to commit.
+#[derive(Debug, Clone)]
+enum Op {
+    /// New or edited content; `base` is the version it was edited from.
+    Put {
+        found: Found,
+        base: Option<u64>,
+    },
+    Delete {
+        path: String,
+        base: u64,
+    },
+    Rename {
+        from: String,
+        to: Found,
+        base: u64,
+    },
+}
+
+impl Op {
+    fn path(&self) -> &str {
+        match self {
+            Op::Put { found, .. } => found.path.as_str(),
+            Op::Delete { path, .. } => path,
+            Op::Rename { to, .. } => to.path.as_str(),
+        }
+    }
+
+    fn pending(&self, error: String) -> PendingEdit {
+        let (kind, base) = match self {
+            Op::Put { base, .. } => ("put", *base),
+            Op::Delete { base, .. } => ("delete", Some(*base)),
+            Op::Rename { base, .. } => ("rename", Some(*base)),
+        };
+        PendingEdit {
+            kind: kind.into(),
+            base,
+            since_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            error,
+        }
+    }
+}
+
+/// What one scan found, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ScanReport {
+    pub files: usize,
+    pub hashed: usize,
+    pub committed: usize,
+    pub conflicts: usize,
+    pub pending: usize,
+    /// Files still being written, looked at again shortly.
+    pub unsettled: usize,
+}
+
+/// Runs until `shutdown` fires.
+pub async fn run<N: PeerNet>(
+    node: Arc<SyncNode<N>>,
+    interval: Duration,
+    mut shutdown: broadcast::Receiver<()>,
+) {
+    let events = Arc::new(Notify::new());
+    let _watcher = match watch_folder(&node.folder, events.clone()) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(folder = %node.folder.display(), cause = %e, "no filesystem watcher; relying on periodic scans");
+            None
+        }
+    };
+    // Catch up before publishing offline edits, so they meet the history
+    // they missed through the conflict rules rather than overwrite it.
+    tokio::select! {
+        _ = catch_up(&node) => {}
+        _ = shutdown.recv() => return,
+    }
+    let mut reported = HashSet::new();
+    loop {
+        let soon = match scan(&node, &mut reported).await {
+            Ok(r) => {
+                if r.committed + r.conflicts + r.pending > 0 {
+                    info!(
+                        files = r.files,
+                        hashed = r.hashed,
+                        committed = r.committed,
+                        conflicts = r.conflicts,
+                        pending = r.pending,
+                        "scan"
+                    );
+                }
+                r.unsettled > 0 || r.pending > 0
+            }
+            Err(e) => {
+                warn!(cause = %e, "scan failed; will retry");
+                true
+            }
+        };
+        let wait = if soon { SETTLE } else { interval };
+        tokio::select! {
+            _ = events.notified() => {
+                // Coalesce a burst into one scan, but never wait past a
+                // bound: a file written without pause is still scanned.
+                let until = tokio::time::Instant::now() + DEBOUNCE * 8;
+                loop {
+                    tokio::select! {
+                        _ = events.notified() => {}
+                        _ = tokio::time::sleep(DEBOUNCE) => break,
+                    }
+                    if tokio::time::Instant::now() >= until {
+                        break;
+                    }
+                }
+            }
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.recv() => return,
+        }
+    }
+}
+
+async fn catch_up<N: PeerNet>(node: &SyncNode<N>) {
+    if node.read_barrier().await.is_err() {
+        info!("no quorum at start; local edits will wait in the pending journal");
+        return;
+    }
+    let applied = node.reader.view().applied_index();
+    let mut wm = node.watch_watermark();
+    let _ = tokio::time::timeout(node.write_timeout * 4, wm.wait_for(|&w| w >= applied)).await;
+}
+
+fn watch_folder(folder: &Path, events: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+    let ours = fsutil::tmp_dir(folder)
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+        Ok(ev) => {
+            use notify::event::{AccessKind, AccessMode, EventKind};
+            // Reads (ours, peers' fetches, users') change nothing.
+            let change = match ev.kind {
+                EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+                EventKind::Access(_) => false,
+                _ => true,
+            };
+            if change && ev.paths.iter().any(|p| !p.starts_with(&ours)) {
+                events.notify_one();
+            }
+        }
+        Err(_) => events.notify_one(),
+    })?;
+    w.watch(folder, notify::RecursiveMode::Recursive)?;
+    Ok(w)
+}
+
+/// One pass over the folder.
+pub async fn scan<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    reported: &mut HashSet<String>,
+) -> Result<ScanReport, NodeError> {
+    let folder = node.folder.clone();
+    let (found, skipped) = tokio::task::spawn_blocking(move || walk(&folder))
+        .await
+        .map_err(|e| NodeError::internal("scan task", e))?
+        .map_err(|e| NodeError::internal("scanning the folder", e))?;
+    for (what, why) in skipped {
+        if reported.insert(what.clone()) {
+            warn!(path = %what, "not synced: {why}");
+        }
+    }
+    let records: BTreeMap<String, LocalFile> = node
+        .local
+        .files()
+        .map_err(|e| NodeError::internal("local records", e))?
+        .into_iter()
+        .collect();
+    Metrics::add(&node.metrics.scans_completed, 1);
+    let mut report = ScanReport {
+        files: found.len(),
+        ..ScanReport::default()
+    };
+    let mut ops = Vec::new();
+    let mut new_files = Vec::new();
+    let on_disk: HashSet<&str> = found.iter().map(|f| f.path.as_str()).collect();
+    for f in &found {
+        match records.get(f.path.as_str()) {
+            Some(l) if f.matches(l) => {}
+            Some(l) => ops.push(Op::Put {
+                found: f.clone(),
+                base: Some(l.version),
+            }),
+            None => new_files.push(f.clone()),
+        }
+    }
+    // A vanished file whose inode turns up under a new name was moved.
+    let mut vanished: HashMap<u64, (String, LocalFile)> = records
+        .iter()
+        .filter(|(p, _)| !on_disk.contains(p.as_str()))
+        .map(|(p, l)| (l.inode, (p.clone(), l.clone())))
+        .collect();
+    for f in new_files {
+        match vanished.get(&f.inode) {
+            Some((from, l)) if l.size == f.size && l.mtime_ns == f.mtime_ns => {
+                let (from, l) = vanished.remove(&f.inode).expect("just found");
+                ops.push(Op::Rename {
+                    from,
+                    to: f,
+                    base: l.version,
+                });
+            }
+            _ => ops.push(Op::Put {
+                found: f,
+                base: None,
+            }),
+        }
+    }
+    for (_, (path, l)) in vanished {
+        ops.push(Op::Delete {
+            path,
+            base: l.version,
+        });
+    }
+    if ops.is_empty() {
+        return Ok(report);
+    }
+    // Journal order first, then path order.
+    let pending: HashMap<String, u64> = node
+        .local
+        .pending()
+        .map_err(|e| NodeError::internal("pending journal", e))?
+        .into_iter()
+        .map(|(p, e)| (p, e.since_ms))
+        .collect();
+    ops.sort_by(|a, b| {
+        let ka = (
+            pending.get(a.path()).copied().unwrap_or(u64::MAX),
+            a.path().to_owned(),
+        );
+        let kb = (
+            pending.get(b.path()).copied().unwrap_or(u64::MAX),
+            b.path().to_owned(),
+        );
+        ka.cmp(&kb)
+    });
+    let mut batches = ops.chunks(256);
+    while let Some(batch) = batches.next() {
+        let prepared = prepare(node, batch.to_vec(), &mut report).await;
+        if commit(node, prepared, &mut report).await? {
+            // No quorum: journal the rest without trying each one.
+            for op in batches.by_ref().flatten() {
+                journal(node, op, "no quorum".into())?;
+                report.pending += 1;
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// What was left out of a walk and why, reported once per path.
+type Skipped = Vec<(String, String)>;
+
+/// Walks the folder: regular files, minus ignores and what cannot be synced.
+fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
+    let mut found = Vec::new();
+    let mut skipped = Vec::new();
+    let walker = ignore::WalkBuilder::new(folder)
+        .standard_filters(false)
+        .add_custom_ignore_filename(IGNORE_FILE)
+        .follow_links(false)
+        .filter_entry(|e| !builtin_ignored(&e.file_name().to_string_lossy()))
+        .build();
+    for entry in walker {
+        let entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                skipped.push((folder.display().to_string(), e.to_string()));
+                continue;
+            }
+        };
+        if entry.depth() == 0 {
+            continue;
+        }
+        let abs = entry.path().to_path_buf();
+        let rel = abs
+            .strip_prefix(folder)
+            .unwrap_or(&abs)
+            .to_string_lossy()
+            .into_owned();
+        let Some(ft) = entry.file_type() else {
+            continue;
+        };
+        if ft.is_dir() {
+            continue;
+        }
+        if ft.is_symlink() {
+            skipped.push((rel, "symbolic links are not synced yet".into()));
+            continue;
+        }
+        if !ft.is_file() {
+            skipped.push((rel, "not a regular file (device, socket or pipe)".into()));
+            continue;
+        }
+        let path = match NsPath::parse(&rel) {
+            Ok(p) if p.as_str() == rel => p,
+            Ok(p) => {
+                skipped.push((
+                    rel,
+                    format!("name is not in NFC form; its NFC spelling is {p}"),
+                ));
+                continue;
+            }
+            Err(e) => {
+                skipped.push((rel, e.to_string()));
+                continue;
+            }
+        };
+        let meta = match entry.metadata() {
+            Ok(m) => m,
+            // Gone since it was listed: the next scan sees the truth.
+            Err(_) => continue,
+        };
+        let (mtime_ns, inode) = fsutil::stamp(&meta);
+        found.push(Found {
+            path,
+            abs,
+            size: meta.len(),
+            mtime_ns,
+            inode,
+            mode: meta.permissions().mode() & 0o7777,
+        });
+    }
+    Ok((found, skipped))
+}
+
+/// An op ready to commit: content chunked and replicated where needed.
+#[derive(Debug)]
+struct Prepared {
+    op: Op,
+    manifest: Option<Manifest>,
+    holders: Vec<u64>,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Ready(Prepared),
+    /// Changed while it was read: still being written.
+    Unsettled(Op),
+    Failed(Op, NodeError),
+}
+
+/// Chunks and replicates the content of puts, in parallel, outside the
+/// folder lock. Unsettled files are left for a later scan.
+async fn prepare<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    ops: Vec<Op>,
+    report: &mut ScanReport,
+) -> Vec<Outcome> {
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
+    let mut unsettled = 0;
+    let ready: Vec<Op> = ops
+        .into_iter()
+        .filter(|op| match op {
+            Op::Put { found, .. } if now_ns - found.mtime_ns < SETTLE.as_nanos() as i64 => {
+                unsettled += 1;
+                false
+            }
+            _ => true,
+        })
+        .collect();
+    report.unsettled += unsettled;
+    let results: Vec<_> = stream::iter(ready)
+        .map(|op| async move {
+            let Op::Put { found, .. } = &op else {
+                return Outcome::Ready(Prepared {
+                    op,
+                    manifest: None,
+                    holders: Vec::new(),
+                });
+            };
+            match chunk_stable(node, found).await {
+                Ok(Some(manifest)) => {
+                    if let Err(e) = node.local.put_manifest(&manifest) {
+                        return Outcome::Failed(op, NodeError::internal("storing a manifest", e));
+                    }
+                    let replicated = tokio::time::timeout(
+                        node.write_timeout,
+                        node.replicate(&manifest, &found.abs),
+                    )
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(NodeError::Unavailable(format!(
+                            "content did not reach {} nodes within {:?}",
+                            node.replication, node.write_timeout
+                        )))
+                    });
+                    match replicated {
+                        Ok(holders) => Outcome::Ready(Prepared {
+                            op,
+                            manifest: Some(manifest),
+                            holders,
+                        }),
+                        Err(e) => Outcome::Failed(op, e),
+                    }
+                }
+                Ok(None) => Outcome::Unsettled(op),
+                Err(e) => Outcome::Failed(op, e),
+            }
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    let hashed = results
+        .iter()
+        .filter(|r| matches!(r, Outcome::Ready(p) if p.manifest.is_some()))
+        .count();
+    report.hashed += hashed;
+    Metrics::add(&node.metrics.files_hashed, hashed as u64);
+    results
+}
+
+/// The manifest of `found`, or `None` if the file changed while it was
+/// read (it is still being written; a later scan takes it).
+async fn chunk_stable<N: PeerNet>(
+    node: &SyncNode<N>,
+    found: &Found,
+) -> Result<Option<Manifest>, NodeError> {
+    let params = node.params;
+    let f = found.clone();
+    let manifest = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Manifest>> {
+        let m = synod_chunker::chunk_file(&f.abs, params).map_err(std::io::Error::other)?;
+        let meta = std::fs::symlink_metadata(&f.abs)?;
+        let (mtime_ns, inode) = fsutil::stamp(&meta);
+        Ok((meta.len() == f.size && mtime_ns == f.mtime_ns && inode == f.inode).then_some(m))
+    })
+    .await
+    .map_err(|e| NodeError::internal("chunking task", e))?;
+    match manifest {
+        Ok(m) => Ok(m),
+        // Vanished or unreadable mid-way: reported, retried next scan.
+        Err(e) => Err(NodeError::internal(
+            &format!("reading {}", found.abs.display()),
+            e,
+        )),
+    }
+}
+
+fn journal<N: PeerNet>(node: &SyncNode<N>, op: &Op, error: String) -> Result<(), NodeError> {
+    node.local
+        .set_pending(op.path(), op.pending(error))
+        .map_err(|e| NodeError::internal("pending journal", e))
+}
+
+/// Commits prepared ops under the folder lock. `Ok(true)`: no quorum, stop.
+async fn commit<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    prepared: Vec<Outcome>,
+    report: &mut ScanReport,
+) -> Result<bool, NodeError> {
+    let _folder = node.folder_lock.lock().await;
+    let mut no_quorum = false;
+    let mut ready = Vec::new();
+    for p in prepared {
+        match p {
+            Outcome::Ready(p) => ready.push(p),
+            Outcome::Failed(op, NodeError::Unavailable(why)) => {
+                journal(node, &op, why)?;
+                report.pending += 1;
+                no_quorum = true;
+            }
+            Outcome::Unsettled(op) => {
+                debug!(path = op.path(), "changed while read; next scan");
+                report.unsettled += 1;
+            }
+            Outcome::Failed(op, e) => {
+                warn!(path = op.path(), cause = %e, "local change not committed")
+            }
+        }
+    }
+    // Whatever the materializer did while we prepared: only ops whose file
+    // is still as found are committed.
+    ready.retain(|p| still_as_found(node, &p.op));
+    let answers =
+        futures::future::join_all(ready.iter().map(|p| node.propose(command(node, p)))).await;
+    for (p, answer) in ready.into_iter().zip(answers) {
+        match answer {
+            Ok(Answer::Ok { version }) => {
+                settle_ok(node, &p, version)?;
+                report.committed += 1;
+                Metrics::add(&node.metrics.writes_committed, 1);
+            }
+            Ok(Answer::Conflict { current }) => {
+                report.conflicts += 1;
+                Metrics::add(&node.metrics.writes_conflicted, 1);
+                lost_race(node, &p, current).await?;
+            }
+            Ok(other) => {
+                warn!(path = p.op.path(), answer = ?other, "local change refused");
+                node.local
+                    .clear_pending(p.op.path())
+                    .map_err(|e| NodeError::internal("pending journal", e))?;
+            }
+            Err(NodeError::Unavailable(why)) => {
+                journal(node, &p.op, why)?;
+                report.pending += 1;
+                no_quorum = true;
+            }
+            Err(e) => warn!(path = p.op.path(), cause = %e, "local change not committed"),
+        }
+    }
+    Ok(no_quorum)
+}
+
+fn still_as_found<N: PeerNet>(node: &SyncNode<N>, op: &Op) -> bool {
+    let same = |f: &Found| {
+        std::fs::symlink_metadata(&f.abs).is_ok_and(|m| {
+            let (mtime_ns, inode) = fsutil::stamp(&m);
+            m.len() == f.size && mtime_ns == f.mtime_ns && inode == f.inode
+        })
+    };
+    match op {
+        Op::Put { found, .. } => same(found),
+        Op::Rename { from, to, .. } => same(to) && !node.folder.join(from).exists(),
+        Op::Delete { path, .. } => !node.folder.join(path).exists(),
+    }
+}
+
+fn entry_of<N: PeerNet>(node: &SyncNode<N>, f: &Found, m: &Manifest, holders: &[u64]) -> Entry {
+    Entry {
+        kind: EntryKind::File,
+        size: m.size(),
+        root: m.root(),
+        mode: f.mode,
+        mtime_ns: f.mtime_ns,
+        version: 0,
+        origin: node.id,
+        holders: holders.to_vec(),
+        tombstone: false,
+    }
+}
+
+fn command<N: PeerNet>(node: &SyncNode<N>, p: &Prepared) -> Command {
+    match &p.op {
+        Op::Put { found, base } => {
+            let m = p.manifest.as_ref().expect("puts are chunked");
+            let expect = base.map_or(Expect::Absent, Expect::Version);
+            Command::put(&found.path, entry_of(node, found, m, &p.holders), expect)
+        }
+        Op::Delete { path, base } => Command::delete(
+            &NsPath::parse(path).expect("recorded paths are valid"),
+            Expect::Version(*base),
+        ),
+        Op::Rename { from, to, base } => Command::rename(
+            &NsPath::parse(from).expect("recorded paths are valid"),
+            &to.path,
+            Expect::Version(*base),
+            Expect::Absent,
+        ),
+    }
+}
+
+fn local_err(e: crate::local::LocalStateError) -> NodeError {
+    NodeError::internal("local records", e)
+}
+
+/// Records what a successful commit put on disk.
+fn settle_ok<N: PeerNet>(node: &SyncNode<N>, p: &Prepared, version: u64) -> Result<(), NodeError> {
+    match &p.op {
+        Op::Put { found, .. } => {
+            let m = p.manifest.as_ref().expect("puts are chunked");
+            record(node, found, m, version)?;
+        }
+        Op::Delete { path, .. } => node.local.forget_file(path).map_err(local_err)?,
+        Op::Rename { from, to, .. } => {
+            let root = node.local.file(from).map_err(local_err)?.map(|l| l.root);
+            node.local.forget_file(from).map_err(local_err)?;
+            if let Some(m) = root.and_then(|r| node.local.manifest(&r).ok().flatten()) {
+                record(node, to, &m, version)?;
+            }
+            node.local.clear_pending(from).map_err(local_err)?;
+        }
+    }
+    node.local.clear_pending(p.op.path()).map_err(local_err)?;
+    debug!(path = p.op.path(), version, "local change committed");
+    Ok(())
+}
+
+fn record<N: PeerNet>(
+    node: &SyncNode<N>,
+    f: &Found,
+    m: &Manifest,
+    version: u64,
+) -> Result<(), NodeError> {
+    let file = LocalFile {
+        version,
+        root: m.root(),
+        size: f.size,
+        mtime_ns: f.mtime_ns,
+        inode: f.inode,
+    };
+    node.local
+        .record_file(f.path.as_str(), &file, m)
+        .map_err(local_err)
+}
+
+/// Someone else changed the path first. An edit that lost is committed as
+/// a conflict copy beside the winner and moved there on disk; the winner
+/// then arrives through the materializer. A delete that lost is dropped: the
+/// newer content comes back.
+async fn lost_race<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    p: &Prepared,
+    current: Option<Entry>,
+) -> Result<(), NodeError> {
+    node.local.clear_pending(p.op.path()).map_err(local_err)?;
+    let (found, m) = match &p.op {
+        Op::Put { found, .. } => (found, p.manifest.as_ref().expect("puts are chunked")),
+        Op::Rename { from, to, .. } => {
+            // The source moved on: the file under its new name is a new file,
+            // committed by the next scan.
+            node.local.forget_file(from).map_err(local_err)?;
+            debug!(from = %from, to = %to.path, "rename lost a race; the next scan adds the file");
+            return Ok(());
+        }
+        Op::Delete { path, .. } => {
+            info!(path = %path, "local delete lost to a newer version; keeping the newer one");
+            return Ok(());
+        }
+    };
+    // The same bytes already won (two nodes made one edit): nothing lost.
+    if let Some(cur) = current
+        .as_ref()
+        .filter(|c| c.is_live() && c.root == m.root())
+    {
+        return record(node, found, m, cur.version);
+    }
+    // A deleted path: the edit is kept under its own name.
+    if current.as_ref().is_none_or(|c| !c.is_live()) {
+        let expect = current.map_or(Expect::Absent, |c| Expect::Version(c.version));
+        let cmd = Command::put(&found.path, entry_of(node, found, m, &p.holders), expect);
+        if let Ok(Answer::Ok { version }) = node.propose(cmd).await {
+            info!(path = %found.path, "edit of a deleted file kept");
+            return record(node, found, m, version);
+        }
+        // Changed again meanwhile: the next scan deals with it.
+        return Ok(());
+    }
+    let aside =
+        crate::conflict::conflict_name(found.path.as_str(), node.id, crate::lab_hooks::now());
+    let aside_path = NsPath::parse(&aside).map_err(|e| NodeError::BadRequest(e.to_string()))?;
+    let cmd = Command::put(
+        &aside_path,
+        entry_of(node, found, m, &p.holders),
+        Expect::Absent,
+    );
+    match node.propose(cmd).await? {
+        Answer::Ok { version } => {
+            let target = node.folder.join(&aside);
+            fsutil::place(&found.abs, &target)
+                .map_err(|e| NodeError::internal(&format!("moving {} aside", found.path), e))?;
+            // The old record of the path no longer describes the disk.
+            node.local
+                .forget_file(found.path.as_str())
+                .map_err(local_err)?;
+            let moved = Found {
+                path: aside_path,
+                abs: target,
+                ..found.clone()
+            };
+            record(node, &moved, m, version)?;
+            Metrics::add(&node.metrics.conflict_copies, 1);
+            warn!(path = %found.path, kept_as = %aside, "concurrent edit lost; kept as a conflict copy");
+            Ok(())
+        }
+        other => {
+            warn!(path = %found.path, answer = ?other, "conflict copy not committed; retried next scan");
+            Ok(())
+        }
+    }
+}

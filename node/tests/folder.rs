@@ -1,0 +1,304 @@
+//! Folder sync with real processes and real folders: edits made directly
+//! in a node's folder reach every other node.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use common::{io, random_bytes, TestCluster};
+
+fn cluster() -> TestCluster {
+    // A short rescan interval backs up the watcher in tests.
+    TestCluster::start_with_timeouts(3, "rescan_ms = 1500")
+}
+
+fn conflict_copies(folder: &Path, dir: &str, stem: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(folder.join(dir))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&format!("{stem}.sync-conflict-")))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+fn mtime(p: &Path) -> SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn create_edit_rename_delete_in_a_folder_are_mirrored() {
+    let c = cluster();
+    let f1 = c.folder(1);
+    std::fs::create_dir_all(f1.join("docs")).unwrap();
+    let v1 = random_bytes(300_000, 1);
+    std::fs::write(f1.join("docs/a.bin"), &v1).unwrap();
+    std::fs::set_permissions(
+        f1.join("docs/a.bin"),
+        std::fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(f1.join("docs/a.bin"))
+        .unwrap()
+        .set_modified(when)
+        .unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "docs/a.bin", &v1);
+        let p = c.folder(id).join("docs/a.bin");
+        assert_eq!(mtime(&p), when, "node {id}: mtime carried");
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o640,
+            "node {id}: mode carried"
+        );
+    }
+    // Edit in place.
+    let mut v2 = v1.clone();
+    v2[150_000..150_100].copy_from_slice(&[7u8; 100]);
+    std::fs::write(f1.join("docs/a.bin"), &v2).unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "docs/a.bin", &v2);
+    }
+    // Rename: no content moves.
+    let fetched_before: Vec<u64> = [2, 3]
+        .iter()
+        .map(|&id| c.metrics(id)["bytes_fetched"].as_u64().unwrap())
+        .collect();
+    std::fs::rename(f1.join("docs/a.bin"), f1.join("docs/b.bin")).unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "docs/b.bin", &v2);
+        c.must_not_see_file(id, "docs/a.bin");
+    }
+    for (k, &id) in [2, 3].iter().enumerate() {
+        let after = c.metrics(id)["bytes_fetched"].as_u64().unwrap();
+        assert_eq!(
+            after, fetched_before[k],
+            "node {id} fetched bytes for a rename"
+        );
+    }
+    // Delete.
+    std::fs::remove_file(f1.join("docs/b.bin")).unwrap();
+    for id in [2, 3] {
+        c.must_not_see_file(id, "docs/b.bin");
+    }
+    let listed = c.client(1).list("docs/").unwrap();
+    assert_eq!(listed["entries"].as_array().unwrap().len(), 0, "{listed}");
+}
+
+#[test]
+fn simultaneous_edits_leave_the_winner_and_one_conflict_copy_everywhere() {
+    let c = cluster();
+    let base = random_bytes(50_000, 10);
+    std::fs::write(c.folder(1).join("shared.txt"), &base).unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "shared.txt", &base);
+    }
+    let a = random_bytes(60_000, 11);
+    let b = random_bytes(70_000, 12);
+    std::fs::write(c.folder(1).join("shared.txt"), &a).unwrap();
+    std::fs::write(c.folder(2).join("shared.txt"), &b).unwrap();
+    // Every node ends with the winner at the path and the loser beside it.
+    c.must_retry("one winner and one conflict copy on every node", || {
+        for id in 1..=3 {
+            let f = c.folder(id);
+            let copies = conflict_copies(&f, "", "shared");
+            let main = std::fs::read(f.join("shared.txt")).map_err(|e| io(e.to_string()))?;
+            if copies.len() != 1 {
+                return Err(io(format!("node {id}: conflict copies {copies:?}")));
+            }
+            let copy = std::fs::read(f.join(&copies[0])).map_err(|e| io(e.to_string()))?;
+            let pair_ok = (main == a && copy == b) || (main == b && copy == a);
+            if !pair_ok {
+                return Err(io(format!("node {id}: winner/copy are not the two edits")));
+            }
+        }
+        Ok(())
+    });
+    // All three agree on which edit won.
+    let winners: BTreeSet<Vec<u8>> = (1..=3)
+        .map(|id| std::fs::read(c.folder(id).join("shared.txt")).unwrap())
+        .collect();
+    assert_eq!(winners.len(), 1);
+}
+
+#[test]
+fn an_editor_style_save_is_one_change() {
+    let c = cluster();
+    let f1 = c.folder(1);
+    let v1 = random_bytes(20_000, 20);
+    std::fs::write(f1.join("notes.txt"), &v1).unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "notes.txt", &v1);
+    }
+    let committed = c.metrics(1)["writes_committed"].as_u64().unwrap();
+    // Write a temp file, fsync, rename it over the original.
+    let v2 = random_bytes(21_000, 21);
+    std::fs::write(f1.join(".notes.txt.tmp-81723"), &v2).unwrap();
+    std::fs::rename(f1.join(".notes.txt.tmp-81723"), f1.join("notes.txt")).unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "notes.txt", &v2);
+    }
+    // Give a second commit time to show up if there were one.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = c.metrics(1)["writes_committed"].as_u64().unwrap();
+    assert_eq!(
+        after - committed,
+        1,
+        "the save became {} commits",
+        after - committed
+    );
+    let listed = c.client(1).list("").unwrap();
+    let names: Vec<&str> = listed["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["notes.txt"]);
+}
+
+#[test]
+fn an_edit_made_without_quorum_is_committed_when_the_others_return() {
+    let mut c = cluster();
+    let v1 = random_bytes(40_000, 30);
+    std::fs::write(c.folder(1).join("offline.txt"), &v1).unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, "offline.txt", &v1);
+    }
+    c.kill_node(2);
+    c.kill_node(3);
+    let v2 = random_bytes(45_000, 31);
+    std::fs::write(c.folder(1).join("offline.txt"), &v2).unwrap();
+    std::fs::write(c.folder(1).join("new-offline.txt"), b"made while alone").unwrap();
+    c.must_retry("the edits to be listed as pending", || {
+        let s = c.client(1).get_json("/v1/status")?;
+        let pending: BTreeSet<String> = s["pending"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["path"].as_str().unwrap().to_string())
+            .collect();
+        if pending.contains("offline.txt") && pending.contains("new-offline.txt") {
+            Ok(())
+        } else {
+            Err(io(format!("pending {pending:?}")))
+        }
+    });
+    c.start_node(2);
+    c.start_node(3);
+    for id in [2, 3] {
+        c.must_see_file(id, "offline.txt", &v2);
+        c.must_see_file(id, "new-offline.txt", b"made while alone");
+    }
+    c.must_retry("the journal to empty", || {
+        let s = c.client(1).get_json("/v1/status")?;
+        if s["pending_count"] == 0 {
+            Ok(())
+        } else {
+            Err(io(format!("pending {}", s["pending"])))
+        }
+    });
+}
+
+#[test]
+fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
+    let c = cluster();
+    let f1 = c.folder(1);
+    let n = 2_000;
+    for i in 0..n {
+        let dir = f1.join(format!("tree/d{:02}", i % 50));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("f{i:05}.txt")), format!("file {i}\n")).unwrap();
+    }
+    for id in [2, 3] {
+        c.must_see_file(
+            id,
+            &format!("tree/d{:02}/f{:05}.txt", (n - 1) % 50, n - 1),
+            format!("file {}\n", n - 1).as_bytes(),
+        );
+    }
+    c.must_retry("all files everywhere", || {
+        for id in [2, 3] {
+            let s = c.client(id).status()?;
+            if s["entries"].as_u64() != Some(n as u64) {
+                return Err(io(format!("node {id} has {} entries", s["entries"])));
+            }
+        }
+        Ok(())
+    });
+    for id in [2, 3] {
+        for i in (0..n).step_by(97) {
+            c.must_see_file(
+                id,
+                &format!("tree/d{:02}/f{i:05}.txt", i % 50),
+                format!("file {i}\n").as_bytes(),
+            );
+        }
+    }
+    let hashed = |id| c.metrics(id)["files_hashed"].as_u64().unwrap();
+    let scans = |id| c.metrics(id)["scans_completed"].as_u64().unwrap();
+    let before: Vec<(u64, u64)> = (1..=3).map(|id| (hashed(id), scans(id))).collect();
+    c.must_retry("two more rescans on every node", || {
+        for id in 1..=3 {
+            if scans(id) < before[id - 1].1 + 2 {
+                return Err(io(format!("node {id} has not rescanned")));
+            }
+        }
+        Ok(())
+    });
+    for id in 1..=3 {
+        assert_eq!(
+            hashed(id),
+            before[id - 1].0,
+            "node {id} rehashed unchanged files"
+        );
+    }
+}
+
+#[test]
+fn a_file_corrupted_behind_our_back_is_found_and_repaired_by_verify() {
+    let c = cluster();
+    let good = random_bytes(700_000, 40);
+    std::fs::write(c.folder(1).join("precious.bin"), &good).unwrap();
+    c.must_see_file(2, "precious.bin", &good);
+    // Flip bytes on node 2, keeping size, mtime and inode: the scanner
+    // cannot see it, only a rehash can.
+    let p = c.folder(2).join("precious.bin");
+    let when = mtime(&p);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::options().write(true).open(&p).unwrap();
+        f.write_all_at(b"bit rot!", 350_000).unwrap();
+        f.set_modified(when).unwrap();
+    }
+    assert_ne!(std::fs::read(&p).unwrap(), good);
+    let out = c.cli(&["verify", "--node", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("1 mismatched, 1 repaired"), "{text}");
+    assert!(text.contains("precious.bin"), "{text}");
+    assert_eq!(std::fs::read(&p).unwrap(), good);
+    // The bad copy is kept, not deleted.
+    let corrupt = c.folder(2).join(".synod/corrupt");
+    assert!(std::fs::read_dir(&corrupt).unwrap().count() == 1);
+    // A second run finds nothing; the cluster agrees on one namespace.
+    let again = c.cli(&["verify", "--node", "2"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 mismatched"));
+    let cluster = c.cli(&["verify", "--cluster"]);
+    let text = String::from_utf8_lossy(&cluster.stdout);
+    assert!(cluster.status.success(), "{text}");
+    assert!(text.contains("3 nodes agree"), "{text}");
+}
