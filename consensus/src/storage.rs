@@ -10,9 +10,10 @@
 //!
 //! sled acknowledges writes from memory and fsyncs in the background every
 //! `flush_every_ms` (500 ms by default). The guarantee openraft needs comes from
-//! [`sled::Db::flush_async`], which writes every dirty buffer of the *whole*
-//! database (all trees) and fsyncs the segment files; it runs on sled's own
-//! threads, so it does not block the runtime. Cost: one fsync of the dirty
+//! [`sled::Db::flush`], which writes every dirty buffer of the *whole*
+//! database (all trees) and fsyncs the segment files; it runs on a tokio
+//! blocking thread (not through `flush_async`, whose use of sled's own pool
+//! deadlocked under load). Cost: one fsync of the dirty
 //! pages, measured around 0.2–0.6 ms for a small append on this disk; it is
 //! paid once per `append` call (openraft hands us a whole batch per call), per
 //! `save_vote`, per `purge` and per snapshot install. The state machine has its
@@ -228,7 +229,14 @@ impl NodeStorage {
 
     /// Flushes every tree to disk (see the module docs for the cost).
     pub(crate) async fn flush(&self) -> Result<(), sled::Error> {
-        self.db.flush_async().await.map(|_| ())
+        // Not `flush_async`: that runs the flush on sled's own thread pool,
+        // and when every pool thread waits in a flush, the buffer writes the
+        // flushes wait for have no thread left (a deadlock seen under load).
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))?
+            .map(|_| ())
     }
 
     /// Reads and decodes a value of the `meta` tree.

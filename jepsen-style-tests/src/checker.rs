@@ -4,6 +4,7 @@
 
 pub mod convergence;
 pub mod files;
+pub mod folder;
 pub mod linearizable;
 pub mod lost_writes;
 

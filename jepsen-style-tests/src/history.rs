@@ -38,8 +38,11 @@ pub enum OpKind {
     Cas,
     /// `POST /v1/rename` from `path` to `to` (the `files` workload).
     Rename,
-    /// `DELETE` of `path` (the `files` workload).
+    /// `DELETE` of `path` (the `files` workload), or the removal of a file
+    /// from a node's folder (the `folder` workload).
     Delete,
+    /// Bytes appended to a file in a node's folder (the `folder` workload).
+    Append,
     Start,
     Stop,
 }
@@ -64,9 +67,14 @@ pub struct Event {
     /// The version the cas expects (invoke) or the version read/written (ok).
     #[serde(default)]
     pub version: Option<u64>,
-    /// Node the client talked to.
+    /// Node the client talked to (or whose folder it edited).
     #[serde(default)]
     pub node: Option<u64>,
+    /// `folder` workload: the digest of the bytes the edit replaced (read
+    /// from the node's folder just before), so checkers know what it
+    /// superseded. A completion's `base` corrects the invoke's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
     /// Error text of a fail/info, or a nemesis description.
     #[serde(default)]
     pub error: Option<String>,
@@ -196,6 +204,8 @@ pub struct Operation {
     pub expect: Option<u64>,
     /// Version returned by an ok completion.
     pub version: Option<u64>,
+    /// What a `folder` edit replaced (digest of the bytes read before it).
+    pub base: Option<String>,
     pub outcome: EventType,
     pub node: Option<u64>,
     pub invoke_ns: u64,
@@ -221,6 +231,7 @@ pub fn pair_operations(events: &[Event]) -> Vec<Operation> {
                     value: e.value.clone(),
                     expect: if e.op == OpKind::Cas { e.version } else { None },
                     version: None,
+                    base: e.base.clone(),
                     outcome: EventType::Info,
                     node: e.node,
                     invoke_ns: e.mono_ns,
@@ -236,11 +247,20 @@ pub fn pair_operations(events: &[Event]) -> Vec<Operation> {
                     op.outcome = e.kind;
                     op.complete_ns = Some(e.mono_ns);
                     op.error = e.error.clone();
+                    if e.base.is_some() {
+                        op.base = e.base.clone();
+                    }
                     if e.kind == EventType::Ok {
                         op.version = e.version;
+                        // A read's value is what it returned.
                         if op.kind == OpKind::Read {
                             op.value = e.value.clone();
                         }
+                    }
+                    // A change's completion may name what it really left
+                    // (a rename's bytes, a half-written file).
+                    if op.kind != OpKind::Read && e.value.is_some() {
+                        op.value = e.value.clone();
                     }
                     done.push(op);
                 }
@@ -299,6 +319,7 @@ mod tests {
             value: None,
             version: None,
             node: None,
+            base: None,
             error: None,
             wall_ns: 0,
             mono_ns: t,
@@ -324,6 +345,23 @@ mod tests {
         assert_eq!(ops[0].outcome, EventType::Ok);
         assert_eq!(ops[0].version, Some(7));
         assert_eq!(ops[0].value.as_deref(), Some("p1-1"));
+    }
+
+    #[test]
+    fn a_completion_corrects_what_the_change_left_and_replaced() {
+        let mut inv = ev(EventType::Invoke, 3, OpKind::Write, 0);
+        inv.value = Some("intended".into());
+        inv.base = Some("read".into());
+        let mut done = ev(EventType::Info, 3, OpKind::Write, 1);
+        done.value = Some("half-written".into());
+        let ops = pair_operations(&[inv.clone(), done]);
+        assert_eq!(ops[0].value.as_deref(), Some("half-written"));
+        assert_eq!(ops[0].base.as_deref(), Some("read"));
+        let mut done = ev(EventType::Ok, 3, OpKind::Write, 1);
+        done.base = Some("removed".into());
+        let ops = pair_operations(&[inv, done]);
+        assert_eq!(ops[0].value.as_deref(), Some("intended"));
+        assert_eq!(ops[0].base.as_deref(), Some("removed"));
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //!
 //! The schedule (which fault, when, for how long) depends only on the seed,
 //! the enabled faults and the time limit, so a seed replays the same
-//! schedule; targets chosen by role (the leader) depend on the run. Network
-//! faults need `--net netns`. Delay and reordering use `netem` where the
-//! kernel has it ([`netns::netem_available`]), else the node's test-only
-//! delay hook; clock jumps always use the node's clock-offset hook. Both
-//! hooks need a `synod` built with `--features lab-hooks`.
+//! schedule; targets chosen by role (the leader) depend on the run. Loss,
+//! bandwidth and disk-full need `--net netns`; partitions use nftables
+//! there and the node's test-only `drop_peers` hook in loopback mode.
+//! Delay and reordering use `netem` where the kernel has it
+//! ([`netns::netem_available`]), else the node's test-only delay hook;
+//! clock jumps always use the node's clock-offset hook. The hooks need a
+//! `synod` built with `--features lab-hooks`. Corruption flips bytes of a
+//! file in a node's folder (size and mtime kept) or of a staged chunk, and
+//! its stop runs `synod verify` on that node.
 
 use std::fmt;
 use std::str::FromStr;
@@ -37,10 +41,13 @@ pub enum NemesisKind {
     Delay,
     /// One node's wall clock jumps forward or back.
     ClockJump,
+    /// Bytes flipped in a file of one node's folder (size and mtime kept)
+    /// or in a staged chunk; `synod verify` on that node at the end.
+    Corrupt,
 }
 
 impl NemesisKind {
-    pub const ALL: [NemesisKind; 10] = [
+    pub const ALL: [NemesisKind; 11] = [
         NemesisKind::Partition,
         NemesisKind::Kill,
         NemesisKind::Pause,
@@ -51,29 +58,35 @@ impl NemesisKind {
         NemesisKind::PartitionBridge,
         NemesisKind::Delay,
         NemesisKind::ClockJump,
+        NemesisKind::Corrupt,
     ];
 
-    /// Whether the fault needs `--net netns` (network rules, or root to
+    /// Whether the fault needs `--net netns` (packet rules, or root to
     /// mount the tmpfs of `disk-full`); loopback mode stays rootless.
     pub fn needs_netns(self) -> bool {
         matches!(
             self,
-            NemesisKind::Partition
-                | NemesisKind::PartitionRing
-                | NemesisKind::PartitionBridge
-                | NemesisKind::Loss
-                | NemesisKind::Bandwidth
-                | NemesisKind::DiskFull
+            NemesisKind::Loss | NemesisKind::Bandwidth | NemesisKind::DiskFull
+        )
+    }
+
+    /// Whether the fault is a partition (cut links between nodes).
+    pub fn is_partition(self) -> bool {
+        matches!(
+            self,
+            NemesisKind::Partition | NemesisKind::PartitionRing | NemesisKind::PartitionBridge
         )
     }
 
     /// Whether the fault needs the node's test-only hooks (`synod` built
     /// with `--features lab-hooks`): clock jumps always, delay when the
-    /// kernel has no `netem` (always so in loopback mode).
-    pub fn needs_hooks(self, netem: bool) -> bool {
+    /// kernel has no `netem` (always so in loopback mode), partitions in
+    /// loopback mode (`drop_peers`).
+    pub fn needs_hooks(self, net: NetMode, netem: bool) -> bool {
         match self {
             NemesisKind::ClockJump => true,
             NemesisKind::Delay => !netem,
+            k if k.is_partition() => net == NetMode::Loopback,
             _ => false,
         }
     }
@@ -92,6 +105,7 @@ impl fmt::Display for NemesisKind {
             NemesisKind::PartitionBridge => "partition-bridge",
             NemesisKind::Delay => "delay",
             NemesisKind::ClockJump => "clock-jump",
+            NemesisKind::Corrupt => "corrupt",
         })
     }
 }
@@ -100,7 +114,7 @@ impl fmt::Display for NemesisKind {
 #[non_exhaustive]
 pub enum NemesisError {
     #[error(
-        "unknown nemesis {0:?} (known: partition, partition-ring, partition-bridge, kill, pause, loss, bandwidth, delay, clock-jump, disk-full, none)"
+        "unknown nemesis {0:?} (known: partition, partition-ring, partition-bridge, kill, pause, loss, bandwidth, delay, clock-jump, disk-full, corrupt, none)"
     )]
     Unknown(String),
     #[error(transparent)]
@@ -118,6 +132,15 @@ pub enum NemesisError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("node {node} has no file or staged chunk to corrupt")]
+    NothingToCorrupt { node: u64 },
+    #[error("cannot corrupt {path}")]
+    Corrupt {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`synod verify --node {node}` did not repair node {node}: {output}")]
+    Verify { node: u64, output: String },
 }
 
 impl FromStr for NemesisKind {
@@ -280,6 +303,14 @@ pub enum Active {
         node: u64,
         offset_ms: i64,
     },
+    /// `offset` of `path` (folder-relative, or a staged chunk's file) was
+    /// flipped on `node`.
+    Corrupt {
+        node: u64,
+        path: String,
+        staged: bool,
+        offset: u64,
+    },
 }
 
 impl fmt::Display for Active {
@@ -311,6 +342,16 @@ impl fmt::Display for Active {
             Active::ClockJump { node, offset_ms } => {
                 write!(f, "clock of node {node} jumps {offset_ms:+}ms")
             }
+            Active::Corrupt {
+                node,
+                path,
+                staged,
+                offset,
+            } => write!(
+                f,
+                "corrupt byte {offset} of {} {path} on node {node}",
+                if *staged { "staged chunk" } else { "file" }
+            ),
         }
     }
 }
@@ -408,12 +449,12 @@ pub fn start(step: &Step, cluster: &mut Cluster) -> Result<Active, NemesisError>
                     (x, y)
                 }
             };
-            for id in &a {
-                netns::drop_from(*id, &b)?;
-            }
-            for id in &b {
-                netns::drop_from(*id, &a)?;
-            }
+            let drops: Vec<(u64, Vec<u64>)> = a
+                .iter()
+                .map(|id| (*id, b.clone()))
+                .chain(b.iter().map(|id| (*id, a.clone())))
+                .collect();
+            cut_links(cluster, &drops)?;
             Active::Partition { sides: (a, b) }
         }
         NemesisKind::Kill => {
@@ -460,9 +501,7 @@ pub fn start(step: &Step, cluster: &mut Cluster) -> Result<Active, NemesisError>
             } else {
                 ("bridge", bridge_grudge(&order))
             };
-            for (id, from) in &drops {
-                netns::drop_from(*id, from)?;
-            }
+            cut_links(cluster, &drops)?;
             Active::Grudge {
                 shape: shape.to_string(),
                 drops,
@@ -511,17 +550,160 @@ pub fn start(step: &Step, cluster: &mut Cluster) -> Result<Active, NemesisError>
             }
             Active::ClockJump { node, offset_ms }
         }
+        NemesisKind::Corrupt => {
+            let node = ids.choose(&mut rng).copied().unwrap_or(1);
+            corrupt(cluster, node, &mut rng)?
+        }
     };
     Ok(active)
+}
+
+/// Cuts links: node `a` of each `(a, from)` stops hearing `from`. In netns
+/// mode by nftables input drops in `a`'s namespace; in loopback mode by the
+/// `drop_peers` hook on both ends of each link (a node never sends to a
+/// peer it drops), which cuts the link both ways, as one-way packet loss
+/// does to a QUIC connection.
+pub fn cut_links(cluster: &Cluster, drops: &[(u64, Vec<u64>)]) -> Result<(), NemesisError> {
+    match cluster.net {
+        NetMode::Netns => {
+            for (id, from) in drops {
+                netns::drop_from(*id, from)?;
+            }
+        }
+        NetMode::Loopback => {
+            for (id, peers) in symmetric_drops(drops) {
+                cluster.set_hooks(id, &serde_json::json!({ "drop_peers": peers }))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each node's peers to drop so that every link named in `drops` is cut
+/// both ways.
+pub fn symmetric_drops(drops: &[(u64, Vec<u64>)]) -> Vec<(u64, Vec<u64>)> {
+    let mut out: std::collections::BTreeMap<u64, Vec<u64>> = Default::default();
+    for (a, from) in drops {
+        for b in from {
+            out.entry(*a).or_default().push(*b);
+            out.entry(*b).or_default().push(*a);
+        }
+    }
+    out.into_iter()
+        .map(|(id, mut peers)| {
+            peers.sort_unstable();
+            peers.dedup();
+            (id, peers)
+        })
+        .collect()
+}
+
+/// Undoes [`cut_links`] on `ids`.
+fn heal_links(cluster: &Cluster, ids: &[u64]) -> Result<(), NemesisError> {
+    for id in ids {
+        match cluster.net {
+            NetMode::Netns => netns::heal(*id)?,
+            NetMode::Loopback => {
+                cluster.set_hooks(*id, &serde_json::json!({ "drop_peers": [] }))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Flips one byte of a staged chunk of `node` (when it has one, half the
+/// time) or of one of its synced files under [`CORRUPTIBLE_PREFIX`],
+/// keeping the file's size, inode and mtime, so that only a rehash finds it.
+fn corrupt(cluster: &Cluster, node: u64, rng: &mut StdRng) -> Result<Active, NemesisError> {
+    let n = cluster
+        .node(node)
+        .ok_or(NemesisError::NothingToCorrupt { node })?;
+    let staging = n
+        .folder
+        .parent()
+        .map(|d| d.join("state").join("staging"))
+        .unwrap_or_default();
+    let list = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let mut v: Vec<std::path::PathBuf> = std::fs::read_dir(dir)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .map(|e| e.path())
+                    .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 0))
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let staged = list(&staging);
+    let files = list(&n.folder.join(CORRUPTIBLE_PREFIX.trim_end_matches('/')));
+    let (path, is_staged) = match (staged.choose(rng), files.choose(rng)) {
+        (Some(s), _) if files.is_empty() || rng.gen_bool(0.5) => (s.clone(), true),
+        (_, Some(f)) => (f.clone(), false),
+        _ => return Err(NemesisError::NothingToCorrupt { node }),
+    };
+    let offset = flip_byte(&path, rng).map_err(|source| NemesisError::Corrupt {
+        path: path.clone(),
+        source,
+    })?;
+    let shown = if is_staged {
+        path.file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    } else {
+        path.strip_prefix(&n.folder)
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    Ok(Active::Corrupt {
+        node,
+        path: shown,
+        staged: is_staged,
+        offset,
+    })
+}
+
+/// Files the workloads never read or write, created for `corrupt` (see
+/// `run::CORRUPTIBLE_SIZES`): corrupting a file a client reads through the
+/// API would be judged by that workload's checker, not by the repair.
+pub const CORRUPTIBLE_PREFIX: &str = "static/";
+
+/// Inverts one byte of `path` in place and puts its mtime back; returns the
+/// offset.
+pub fn flip_byte(path: &std::path::Path, rng: &mut StdRng) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let meta = f.metadata()?;
+    if meta.len() == 0 {
+        return Err(std::io::Error::other("empty file"));
+    }
+    let offset = rng.gen_range(0..meta.len());
+    let mut f = f;
+    let mut b = [0u8; 1];
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut b)?;
+    b[0] ^= 0xff;
+    f.seek(SeekFrom::Start(offset))?;
+    f.write_all(&b)?;
+    f.sync_all()?;
+    let times = std::fs::FileTimes::new()
+        .set_modified(meta.modified()?)
+        .set_accessed(meta.accessed()?);
+    f.set_times(times)?;
+    Ok(offset)
 }
 
 /// Undoes `active`.
 pub fn stop(active: &Active, cluster: &mut Cluster) -> Result<(), NemesisError> {
     match active {
         Active::Partition { sides } => {
-            for id in sides.0.iter().chain(&sides.1) {
-                netns::heal(*id)?;
-            }
+            let ids: Vec<u64> = sides.0.iter().chain(&sides.1).copied().collect();
+            heal_links(cluster, &ids)?;
         }
         Active::Kill { node } => cluster.spawn(*node)?,
         Active::Pause { node } => cluster.resume(*node)?,
@@ -542,9 +724,11 @@ pub fn stop(active: &Active, cluster: &mut Cluster) -> Result<(), NemesisError> 
             })?;
         }
         Active::Grudge { drops, .. } => {
-            for (id, _) in drops {
-                netns::heal(*id)?;
-            }
+            let ids: Vec<u64> = symmetric_drops(drops)
+                .into_iter()
+                .map(|(id, _)| id)
+                .collect();
+            heal_links(cluster, &ids)?;
         }
         Active::Delay { netem: true, .. } => {
             for n in &cluster.nodes {
@@ -559,8 +743,28 @@ pub fn stop(active: &Active, cluster: &mut Cluster) -> Result<(), NemesisError> 
         Active::ClockJump { node, .. } => {
             cluster.set_hooks(*node, &serde_json::json!({ "clock_offset_ms": 0 }))?;
         }
+        // A staged chunk is checked whenever it is read: nothing to do.
+        Active::Corrupt { staged: true, .. } => {}
+        Active::Corrupt { node, path, .. } => {
+            let (ok, output) = cluster.verify(*node)?;
+            // `synod verify` also fails when a file changes while it is
+            // hashed (a workload's edit); what matters here is the path.
+            if !ok && !verify_repaired(&output, path) {
+                return Err(NemesisError::Verify {
+                    node: *node,
+                    output,
+                });
+            }
+        }
     }
     Ok(())
+}
+
+/// Whether `synod verify`'s output says `path` was found and repaired.
+pub fn verify_repaired(output: &str, path: &str) -> bool {
+    output.contains(&format!(
+        "{path}: content did not match its committed root; repaired"
+    ))
 }
 
 /// Writes zeros to `path` until the filesystem is full (ENOSPC ends it).
@@ -603,7 +807,7 @@ pub fn heal_all(cluster: &mut Cluster) -> Result<(), NemesisError> {
             // A node that is down starts with no delay and no offset anyway.
             let _ = cluster.set_hooks(
                 id,
-                &serde_json::json!({ "delay_ms": 0, "clock_offset_ms": 0 }),
+                &serde_json::json!({ "delay_ms": 0, "clock_offset_ms": 0, "drop_peers": [] }),
             );
         }
         let (running, paused) = cluster
@@ -705,13 +909,78 @@ mod tests {
     }
 
     #[test]
-    fn only_clock_jumps_and_hooked_delay_need_the_node_hooks() {
-        assert!(NemesisKind::ClockJump.needs_hooks(true));
-        assert!(NemesisKind::Delay.needs_hooks(false));
-        assert!(!NemesisKind::Delay.needs_hooks(true));
-        assert!(!NemesisKind::Kill.needs_hooks(false));
+    fn only_clock_jumps_hooked_delay_and_loopback_partitions_need_the_node_hooks() {
+        use NetMode::{Loopback, Netns};
+        assert!(NemesisKind::ClockJump.needs_hooks(Netns, true));
+        assert!(NemesisKind::Delay.needs_hooks(Netns, false));
+        assert!(!NemesisKind::Delay.needs_hooks(Netns, true));
+        assert!(!NemesisKind::Kill.needs_hooks(Loopback, false));
+        assert!(!NemesisKind::Corrupt.needs_hooks(Loopback, false));
+        for k in [
+            NemesisKind::Partition,
+            NemesisKind::PartitionRing,
+            NemesisKind::PartitionBridge,
+        ] {
+            assert!(k.needs_hooks(Loopback, false) && !k.needs_hooks(Netns, false));
+            assert!(!k.needs_netns());
+        }
         assert!(!NemesisKind::Delay.needs_netns() && !NemesisKind::ClockJump.needs_netns());
-        assert!(NemesisKind::PartitionRing.needs_netns());
+        assert!(NemesisKind::Loss.needs_netns() && NemesisKind::DiskFull.needs_netns());
+        assert!(!NemesisKind::Corrupt.needs_netns());
+    }
+
+    #[test]
+    fn loopback_cuts_every_link_on_both_ends() {
+        // A ring over 3 nodes: one-way drops become two-way cuts.
+        let drops = ring_grudge(&[3, 1, 2]);
+        let sym = symmetric_drops(&drops);
+        for (a, from) in &drops {
+            for b in from {
+                let has = |x: u64, y: u64| sym.iter().any(|(n, p)| *n == x && p.contains(&y));
+                assert!(has(*a, *b) && has(*b, *a), "{a}-{b} in {sym:?}");
+            }
+        }
+        let halves = vec![(1, vec![2, 3]), (2, vec![1]), (3, vec![1])];
+        assert_eq!(
+            symmetric_drops(&halves),
+            vec![(1, vec![2, 3]), (2, vec![1]), (3, vec![1])]
+        );
+    }
+
+    #[test]
+    fn a_repair_is_read_from_verify_output() {
+        let out = "checked 3 files: 1 mismatched, 1 repaired; \
+                   static/s1: content did not match its committed root; repaired; \
+                   files/f4: changed while it was being chunked";
+        assert!(verify_repaired(out, "static/s1"));
+        assert!(!verify_repaired(out, "static/s0"));
+        assert!(!verify_repaired(
+            "static/s1: content did not match its committed root; NOT repaired",
+            "static/s1"
+        ));
+    }
+
+    #[test]
+    fn a_flipped_byte_keeps_size_and_mtime() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("f");
+        std::fs::write(&p, vec![7u8; 4096]).expect("write");
+        let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .and_then(|f| f.set_modified(old))
+            .expect("set mtime");
+        let before = std::fs::metadata(&p).expect("stat");
+        let offset = flip_byte(&p, &mut StdRng::seed_from_u64(1)).expect("flip");
+        let after = std::fs::metadata(&p).expect("stat");
+        let bytes = std::fs::read(&p).expect("read");
+        assert_eq!(bytes.len(), 4096);
+        assert_eq!(bytes.iter().filter(|b| **b != 7).count(), 1);
+        assert_eq!(bytes[offset as usize], !7u8);
+        assert_eq!(after.modified().expect("mtime"), old);
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!(after.ino(), before.ino());
     }
 
     #[test]

@@ -230,6 +230,7 @@ mod tests {
             version: Some(1),
             outcome: EventType::Ok,
             node: Some(1),
+            base: None,
             invoke_ns: t,
             complete_ns: Some(t + 5),
             error: None,

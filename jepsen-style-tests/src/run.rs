@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use crate::api::Api;
 use crate::checker::convergence::{self, FileState, NodeFolder};
 use crate::checker::{
-    files as files_checker, linearizable, lost_writes, overall, Finding, Verdict,
+    files as files_checker, folder as folder_checker, linearizable, lost_writes, overall, Finding,
+    Verdict,
 };
 use crate::cluster::{self, Cluster, ClusterError, NetMode};
 use crate::history::{self, Event, EventType, HistoryError, OpKind, Recorder, NEMESIS_PROCESS};
@@ -24,6 +25,7 @@ use crate::nemesis::{self, NemesisKind, Step};
 use crate::netns::{self, NetError};
 use crate::report;
 use crate::workload::files::{self, FilesConfig, FILES_PREFIX};
+use crate::workload::folder::{self, FolderConfig, FOLDER_PREFIX};
 use crate::workload::{self, RegisterConfig, WorkloadKind};
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +147,7 @@ fn nemesis_event(rec: &Recorder, op: OpKind, what: &str) -> Result<Event, Histor
         value: None,
         version: None,
         node: None,
+        base: None,
         error: Some(what.to_string()),
         wall_ns: 0,
         mono_ns: 0,
@@ -229,14 +232,19 @@ fn run_in(
     if let Some(k) = opts
         .all_nemeses()
         .into_iter()
-        .find(|k| k.needs_hooks(netem) && !cluster.hooks)
+        .find(|k| k.needs_hooks(opts.net, netem) && !cluster.hooks)
     {
         let why = if k == NemesisKind::Delay {
             " (this kernel has no netem)"
+        } else if k.is_partition() {
+            " (loopback partitions use the drop_peers hook)"
         } else {
             ""
         };
         return Err(RunError::NeedsHooks { kind: k, why });
+    }
+    if opts.all_nemeses().contains(&NemesisKind::Corrupt) {
+        notes.push(create_corruptible(&cluster));
     }
     let rec = Arc::new(Recorder::create(&dir.join("history.jsonl"))?);
     let targets: workload::Targets = cluster
@@ -246,6 +254,7 @@ fn run_in(
         .collect();
     let register = opts.workloads.contains(&WorkloadKind::Register);
     let with_files = opts.workloads.contains(&WorkloadKind::Files);
+    let with_folder = opts.workloads.contains(&WorkloadKind::Folder);
     let paths = if register {
         register_paths()
     } else {
@@ -273,6 +282,20 @@ fn run_in(
         timeout: Duration::from_millis(cluster::WRITE_MS + 7000),
         think: Duration::from_millis(50),
     };
+    let folder_cfg = FolderConfig {
+        nodes: if with_folder {
+            cluster
+                .nodes
+                .iter()
+                .map(|n| (n.id, n.folder.clone()))
+                .collect()
+        } else {
+            Vec::new()
+        },
+        paths: folder::folder_paths(6),
+        seed: opts.seed,
+        think: (Duration::from_millis(100), Duration::from_millis(700)),
+    };
     let start = Instant::now();
     let deadline = start + opts.time_limit;
     let clients = {
@@ -283,6 +306,10 @@ fn run_in(
         let (fcfg, targets, rec) = (fcfg.clone(), targets.clone(), Arc::clone(&rec));
         // Process ids far from the register clients' (which count from 1).
         std::thread::spawn(move || files::run_files(&fcfg, &targets, &rec, deadline, 1 << 32))
+    };
+    let folder_clients = {
+        let rec = Arc::clone(&rec);
+        std::thread::spawn(move || folder::run_folder(&folder_cfg, &rec, deadline, 2 << 32))
     };
 
     for step in &steps {
@@ -305,7 +332,11 @@ fn run_in(
         }
     }
     let mut ops = 0;
-    for (name, handle) in [("register", clients), ("files", file_clients)] {
+    for (name, handle) in [
+        ("register", clients),
+        ("files", file_clients),
+        ("folder", folder_clients),
+    ] {
         match handle.join() {
             Ok(r) => {
                 let n = r?;
@@ -350,7 +381,10 @@ fn run_in(
         paths.len() + file_paths.len()
     ));
 
-    let snapshot = capture_convergence(&mut cluster, Duration::from_secs(20));
+    // Folder edits made on a minority wait in the pending journal and
+    // conflicts take a scan or two after healing: give them longer.
+    let settle = if with_folder { 40 } else { 20 };
+    let snapshot = capture_convergence(&mut cluster, Duration::from_secs(settle));
     let path = dir.join("convergence.json");
     let text = serde_json::to_string_pretty(&snapshot).map_err(|e| RunError::Decode {
         path: path.clone(),
@@ -359,6 +393,51 @@ fn run_in(
     write(&path, &text)?;
     cluster.stop();
     Ok(())
+}
+
+/// Sizes of the files the `corrupt` nemesis may damage: one chunk, a few,
+/// many (the lab's chunk sizes average 64 KiB).
+pub const CORRUPTIBLE_SIZES: [usize; 3] = [4 << 10, 300 << 10, 1 << 20];
+
+/// Writes the files `corrupt` targets (`static/s*`, which no workload
+/// touches) and waits until every node holds them; returns a note.
+fn create_corruptible(cluster: &Cluster) -> String {
+    let Some(first) = cluster.nodes.first() else {
+        return "corrupt: no nodes".into();
+    };
+    let api = Api::new(&first.api, Duration::from_secs(10));
+    let mut written = 0;
+    for (i, size) in CORRUPTIBLE_SIZES.iter().enumerate() {
+        let path = format!("{}s{i}", nemesis::CORRUPTIBLE_PREFIX);
+        let bytes: Vec<u8> = (0..*size)
+            .map(|j| (j * 31 + i * 7 + j / 977) as u8)
+            .collect();
+        if api
+            .write(&path, &bytes, crate::api::Precondition::None)
+            .is_ok()
+        {
+            written += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let everywhere = || {
+        cluster.nodes.iter().all(|n| {
+            (0..CORRUPTIBLE_SIZES.len()).all(|i| {
+                n.folder
+                    .join(format!("{}s{i}", nemesis::CORRUPTIBLE_PREFIX))
+                    .is_file()
+            })
+        })
+    };
+    while !everywhere() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    format!(
+        "corrupt: wrote {written} of {} files under {} (on every node: {})",
+        CORRUPTIBLE_SIZES.len(),
+        nemesis::CORRUPTIBLE_PREFIX,
+        everywhere()
+    )
 }
 
 /// Polls until every folder matches the committed files or `within` ends;
@@ -426,13 +505,17 @@ pub fn check_dir(dir: &Path) -> Result<RunOutcome, RunError> {
     let events = history::read_history(&dir.join("history.jsonl"))?;
     let ops = history::pair_operations(&events);
     let faults = history::fault_windows(&events);
-    // Register paths go to the register checkers, `files/` to its own.
-    let (file_ops, reg_ops): (Vec<_>, Vec<_>) = ops
+    // Register paths go to the register checkers, `files/` and `folder/`
+    // to their own.
+    let (folder_ops, ops_rest): (Vec<_>, Vec<_>) = ops
         .iter()
         .cloned()
+        .partition(|o| o.path.starts_with(FOLDER_PREFIX));
+    let (file_ops, reg_ops): (Vec<_>, Vec<_>) = ops_rest
+        .into_iter()
         .partition(|o| o.path.starts_with(FILES_PREFIX));
     let mut findings = Vec::new();
-    if !reg_ops.is_empty() || file_ops.is_empty() {
+    if !reg_ops.is_empty() || (file_ops.is_empty() && folder_ops.is_empty()) {
         findings.extend(linearizable::check(&reg_ops, linearizable::DEFAULT_BUDGET));
         findings.push(lost_writes::check(&reg_ops));
     }
@@ -447,6 +530,9 @@ pub fn check_dir(dir: &Path) -> Result<RunOutcome, RunError> {
                     path: conv_path.clone(),
                     message: e.to_string(),
                 })?;
+            if !folder_ops.is_empty() {
+                findings.push(folder_checker::check(&folder_ops, snap.committed.as_ref()));
+            }
             match &snap.committed {
                 Some(c) => findings.push(convergence::check(c, &snap.nodes)),
                 None => findings.push(Finding {
@@ -599,7 +685,7 @@ pub fn campaign(plans: &[RunOptions]) -> (CampaignTotals, Vec<String>) {
 /// the run's faults in its time limit, so coverage does not depend on luck.
 pub fn smoke_plans(base: &RunOptions) -> Vec<RunOptions> {
     use NemesisKind::*;
-    use WorkloadKind::{Files, Register};
+    use WorkloadKind::{Files, Folder, Register};
     let n = base.nodes;
     // Ring and bridge shapes come once more with 5 nodes, where every
     // ring link is two-way and the bridge joins two real halves.
@@ -609,6 +695,7 @@ pub fn smoke_plans(base: &RunOptions) -> Vec<RunOptions> {
             (vec![Pause, Loss, PartitionRing], vec![Register, Files], n),
             (vec![Bandwidth, PartitionBridge, Delay], vec![Register], n),
             (vec![DiskFull, Kill], vec![Register], n),
+            (vec![Partition, Kill, Corrupt], vec![Folder, Register], n),
             (
                 vec![PartitionRing, PartitionBridge, Delay],
                 vec![Register, Files],
@@ -617,7 +704,12 @@ pub fn smoke_plans(base: &RunOptions) -> Vec<RunOptions> {
         ],
         NetMode::Loopback => vec![
             (vec![Kill, Delay], vec![Register, Files], n),
-            (vec![Pause, ClockJump], vec![Register], n),
+            (vec![Pause, ClockJump, PartitionRing], vec![Register], n),
+            (
+                vec![Partition, Corrupt, PartitionBridge],
+                vec![Folder, Register],
+                n,
+            ),
         ],
     };
     let time_limit = Duration::from_secs(30);
@@ -647,14 +739,11 @@ pub fn smoke_plans(base: &RunOptions) -> Vec<RunOptions> {
 
 /// The self-test: synod with a deliberately unsafe lab hook (reads served
 /// from local state, no read index) under a fault that makes stale state
-/// visible (one node cut off from the others in netns mode, message delay
-/// in loopback mode), which the linearizability or lost-writes checker must
-/// catch. A fixed schedule: the fault from 4 s to 14 s of a 20 s run.
+/// visible (one node cut off from the others: nftables in netns mode, the
+/// `drop_peers` hook in loopback mode), which the linearizability checker
+/// must catch. A fixed schedule: the fault from 4 s to 14 s of a 20 s run.
 pub fn selftest_plan(base: &RunOptions, attempt: u64) -> RunOptions {
-    let kind = match base.net {
-        NetMode::Netns => NemesisKind::Partition,
-        NetMode::Loopback => NemesisKind::Delay,
-    };
+    let kind = NemesisKind::Partition;
     let seed = base.seed + attempt;
     RunOptions {
         nodes: 3,
@@ -794,7 +883,13 @@ mod tests {
         assert!(plans.iter().any(|p| p.nodes == 5));
         // A few minutes in all.
         let total: Duration = plans.iter().map(|p| p.time_limit).sum();
-        assert!(total <= Duration::from_secs(150), "{total:?}");
+        assert!(total <= Duration::from_secs(180), "{total:?}");
+        assert!(plans
+            .iter()
+            .any(|p| p.workloads.contains(&WorkloadKind::Folder)
+                && p.nemeses
+                    .iter()
+                    .any(|k| k.is_partition() || *k == NemesisKind::Kill)));
         // Each run's schedule really contains each of its nemeses.
         for p in &plans {
             let steps = nemesis::schedule(p.seed, &p.nemeses, p.time_limit);
@@ -830,6 +925,7 @@ mod tests {
         assert!(steps[0].at + steps[0].duration + Duration::from_secs(2) <= p.time_limit);
         let lo = selftest_plan(&base(NetMode::Loopback), 0);
         assert!(lo.all_nemeses().iter().all(|k| !k.needs_netns()));
+        assert_eq!(lo.steps()[0].kind, NemesisKind::Partition);
         let invalid = |checker: &str, last: &str| Finding {
             checker: checker.into(),
             verdict: Verdict::Invalid,
@@ -877,6 +973,7 @@ mod tests {
             value: value.map(str::to_string),
             version,
             node: Some(1),
+            base: None,
             error: None,
             wall_ns: 0,
             mono_ns: 0,

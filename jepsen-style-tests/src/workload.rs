@@ -5,10 +5,12 @@
 //! completion; a client whose operation ended `info` continues under a new
 //! process id. Clients stop at the deadline by themselves.
 //!
-//! `files` (in `workload/files.rs`) is the other workload: larger files put,
-//! edited in place, renamed and deleted.
+//! `files` (in `workload/files.rs`): larger files put, edited in place,
+//! renamed and deleted through the API; `folder` (in `workload/folder.rs`):
+//! edits made directly in the nodes' folders.
 
 pub mod files;
+pub mod folder;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -28,6 +30,8 @@ pub enum WorkloadKind {
     Register,
     /// Larger files put, edited, renamed, deleted (`files/`).
     Files,
+    /// Edits made directly in the nodes' folders (`folder/`).
+    Folder,
 }
 
 impl std::fmt::Display for WorkloadKind {
@@ -35,20 +39,22 @@ impl std::fmt::Display for WorkloadKind {
         f.write_str(match self {
             WorkloadKind::Register => "register",
             WorkloadKind::Files => "files",
+            WorkloadKind::Folder => "folder",
         })
     }
 }
 
-/// Parses `register,files`.
+/// Parses `register,files,folder`.
 pub fn parse_workloads(s: &str) -> Result<Vec<WorkloadKind>, String> {
     let mut out = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let k = match part {
             "register" => WorkloadKind::Register,
             "files" => WorkloadKind::Files,
+            "folder" => WorkloadKind::Folder,
             other => {
                 return Err(format!(
-                    "unknown workload {other:?} (known: register, files)"
+                    "unknown workload {other:?} (known: register, files, folder)"
                 ))
             }
         };
@@ -91,6 +97,7 @@ pub(crate) fn event(kind: EventType, process: u64, op: OpKind, path: &str) -> Ev
         value: None,
         version: None,
         node: None,
+        base: None,
         error: None,
         wall_ns: 0,
         mono_ns: 0,
@@ -286,7 +293,8 @@ mod tests {
             parse_workloads("files, register,files"),
             Ok(vec![WorkloadKind::Files, WorkloadKind::Register])
         );
-        assert!(parse_workloads("folder").is_err());
+        assert_eq!(parse_workloads("folder"), Ok(vec![WorkloadKind::Folder]));
+        assert!(parse_workloads("folders").is_err());
         assert!(parse_workloads("").is_err());
     }
 

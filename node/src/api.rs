@@ -29,6 +29,8 @@ pub struct ApiState<N: PeerNet> {
     pub initial_members: std::collections::BTreeMap<u64, synod_consensus::NodeInfo>,
     pub settings: synod_consensus::ClusterSettings,
     pub verify: crate::verify::Shared,
+    /// Conflict copies in the namespace, for the status reports.
+    pub conflicts: status::ConflictTracker,
 }
 
 impl IntoResponse for NodeError {
@@ -101,6 +103,7 @@ pub fn router<N: PeerNet>(state: Arc<ApiState<N>>) -> Router {
         .route("/metrics", get(metrics::<N>))
         .route("/v1/status", get(get_status::<N>))
         .route("/v1/cluster", get(get_cluster::<N>))
+        .route("/v1/events", get(get_events::<N>))
         .route("/v1/cluster/init", post(init_cluster::<N>))
         .route("/v1/verify", post(start_verify::<N>).get(get_verify::<N>))
         .route("/v1/cluster/learners", post(add_learner::<N>))
@@ -154,7 +157,7 @@ fn precondition(headers: &HeaderMap) -> Result<Expect, NodeError> {
 }
 
 async fn get_status<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> Json<StatusReport> {
-    Json(status::status(&s.node))
+    Json(status::status_with_conflicts(&s.node, &s.conflicts))
 }
 
 async fn get_cluster<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> Json<ClusterReport> {
@@ -164,8 +167,22 @@ async fn get_cluster<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> Json<Clus
 async fn metrics<N: PeerNet>(State(s): State<Arc<ApiState<N>>>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        status::prometheus(&s.node),
+        status::prometheus(&s.node, &s.conflicts),
     )
+}
+
+#[derive(Debug, Deserialize)]
+struct EventsQuery {
+    /// Only events with a larger sequence number.
+    after: Option<u64>,
+}
+
+async fn get_events<N: PeerNet>(
+    State(s): State<Arc<ApiState<N>>>,
+    Query(q): Query<EventsQuery>,
+) -> Json<serde_json::Value> {
+    let events = s.node.metrics.events.since(q.after.unwrap_or(0));
+    Json(json!({ "events": events }))
 }
 
 async fn status_page() -> Html<&'static str> {
@@ -414,6 +431,7 @@ async fn put_file<N: PeerNet>(
     let limit = s.max_upload_bytes;
     let write_path = path.clone();
     let version = tokio::spawn(async move {
+        let _in_progress = node.metrics.upload_started();
         if let Err(e) = receive_body(body, &tmp, limit).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);

@@ -36,6 +36,9 @@ pub struct BenchOptions {
     pub dir: Option<PathBuf>,
     /// Concurrent uploads to node 1.
     pub clients: usize,
+    /// Instead of the replication phases: scale of folder sync with this
+    /// many small files dropped into node 1's folder while it is down.
+    pub scan_files: Option<usize>,
 }
 
 /// Counters of one receiving node.
@@ -79,6 +82,9 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         }
     };
     println!("synod bench in {}", dir.display());
+    if let Some(n) = opts.scan_files {
+        return scan_scale(&dir, n);
+    }
     let source = dir.join("source");
     let data = Dataset::generate(&source, opts)?;
     println!(
@@ -232,7 +238,8 @@ impl Dataset {
         }
         let mut deleted = Vec::new();
         for i in 0..5 {
-            let idx = 1 + n / 40 + i * (n / 20);
+            // From the second half: never one of the modified files.
+            let idx = 1 + n / 2 + i * (n / 20);
             deleted.push(idx);
             ops.push(Op::Delete {
                 path: self.files[idx].0.clone(),
@@ -283,7 +290,6 @@ struct BenchCluster {
 
 impl BenchCluster {
     fn start(dir: &Path) -> Result<BenchCluster> {
-        let exe = std::env::current_exe().context("locating the synod binary")?;
         let mut text = String::from(
             "cluster = \"bench\"\nfolder = \"./node{id}/folder\"\ndata_dir = \"./node{id}/state\"\n",
         );
@@ -313,21 +319,7 @@ impl BenchCluster {
             folders,
         };
         for id in 1..=3u64 {
-            let log = std::fs::File::create(dir.join(format!("node{id}.log")))?;
-            let child = Command::new(&exe)
-                .arg("--config")
-                .arg(&config)
-                .args(["run", "--node", &id.to_string()])
-                .env(
-                    "RUST_LOG",
-                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .with_context(|| format!("starting node {id}"));
-            match child {
+            match cluster.spawn(id) {
                 Ok(c) => cluster.children.push((id, c)),
                 Err(e) => {
                     cluster.stop();
@@ -340,6 +332,56 @@ impl BenchCluster {
             return Err(e);
         }
         Ok(cluster)
+    }
+
+    fn spawn(&self, id: u64) -> Result<Child> {
+        let exe = std::env::current_exe().context("locating the synod binary")?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node{id}.log")))?;
+        Command::new(&exe)
+            .arg("--config")
+            .arg(self.dir.join("cluster.toml"))
+            .args(["run", "--node", &id.to_string()])
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting node {id}"))
+    }
+
+    fn stop_node(&mut self, id: u64) {
+        if let Some(i) = self.children.iter().position(|(n, _)| *n == id) {
+            let mut one = vec![self.children.remove(i)];
+            crate::up::stop(&mut one);
+        }
+    }
+
+    fn start_node(&mut self, id: u64) -> Result<()> {
+        let child = self.spawn(id)?;
+        self.children.push((id, child));
+        Ok(())
+    }
+
+    /// A memory figure of node `id` from /proc (VmRSS, VmHWM), in KiB.
+    fn rss_kib(&self, id: u64, field: &str) -> Result<u64> {
+        let (_, child) = self
+            .children
+            .iter()
+            .find(|(n, _)| *n == id)
+            .context("node not running")?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))?;
+        status
+            .lines()
+            .find(|l| l.starts_with(field))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {field} in /proc status"))
     }
 
     fn client(&self, id: usize) -> Client {
@@ -506,6 +548,79 @@ impl BenchCluster {
     fn stop(&mut self) {
         crate::up::stop(&mut self.children);
     }
+}
+
+/// Initial scan of `n` small files, rescan of the unchanged tree, and the
+/// daemon's memory, on node 1 of a 3-node cluster.
+fn scan_scale(dir: &Path, n: usize) -> Result<()> {
+    let mut cluster = BenchCluster::start(dir)?;
+    let result = (|| -> Result<()> {
+        cluster.stop_node(1);
+        let folder = cluster.folders[0].clone();
+        for i in 0..n {
+            let d = folder.join(format!("scale/d{:03}", i / 1000));
+            if i % 1000 == 0 {
+                std::fs::create_dir_all(&d)?;
+            }
+            std::fs::write(d.join(format!("f{i:06}.txt")), format!("small file {i}\n"))?;
+        }
+        println!("{n} files written to node 1's folder; starting node 1");
+        let start = Instant::now();
+        cluster.start_node(1)?;
+        let deadline = start + Duration::from_secs(3600);
+        let (committed, applied) = loop {
+            if let Ok(s) = cluster.client(1).status() {
+                if s["entries"].as_u64() == Some(n as u64) {
+                    break (start.elapsed(), s["applied"].as_u64().unwrap_or(0));
+                }
+            }
+            ensure!(
+                Instant::now() < deadline,
+                "node 1 did not commit its files in an hour"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        for id in [2, 3] {
+            while cluster.client(id).status()?["watermark"]
+                .as_u64()
+                .unwrap_or(0)
+                < applied
+            {
+                ensure!(Instant::now() < deadline, "node {id} did not catch up");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        let replicated = start.elapsed();
+        let peak = cluster.rss_kib(1, "VmHWM")?;
+        // A rescan with nothing changed.
+        let m = |k: &str| -> Result<u64> {
+            Ok(cluster.client(1).status()?["metrics"][k]
+                .as_u64()
+                .unwrap_or(0))
+        };
+        let scans = m("scans_completed")?;
+        let hashed = m("files_hashed")?;
+        while m("scans_completed")? < scans + 2 {
+            ensure!(Instant::now() < deadline, "node 1 did not rescan");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let rescan_ms = m("scan_last_ms")?;
+        let rehashed = m("files_hashed")? - hashed;
+        let at_rest = cluster.rss_kib(1, "VmRSS")?;
+        println!();
+        println!("| files | initial scan + commit (node 1) | until nodes 2+3 hold all | peak RSS node 1 | rescan, unchanged | files rehashed | RSS at rest |");
+        println!("|---|---|---|---|---|---|---|");
+        println!(
+            "| {n} | {:.1} s | {:.1} s | {:.0} MiB | {rescan_ms} ms | {rehashed} | {:.0} MiB |",
+            committed.as_secs_f64(),
+            replicated.as_secs_f64(),
+            peak as f64 / 1024.0,
+            at_rest as f64 / 1024.0
+        );
+        Ok(())
+    })();
+    cluster.stop();
+    result
 }
 
 fn hash_file(path: &Path) -> Result<blake3::Hash> {

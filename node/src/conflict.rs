@@ -3,7 +3,31 @@
 use std::time::SystemTime;
 
 /// The conflict copy name of `path` for `node` at `when`, beside the original.
+/// [`conflict_name`], with `-2`, `-3`… appended while that name is taken in
+/// `folder` (two conflicts of one path within a second must not collide).
+pub fn free_conflict_name(
+    folder: &std::path::Path,
+    path: &str,
+    node: u64,
+    when: SystemTime,
+) -> String {
+    (1u32..)
+        .map(|n| numbered(path, node, when, n))
+        .find(|name| std::fs::symlink_metadata(folder.join(name)).is_err())
+        .expect("some suffix is free")
+}
+
 pub fn conflict_name(path: &str, node: u64, when: SystemTime) -> String {
+    numbered(path, node, when, 1)
+}
+
+/// The `n`th conflict name of `path` in one second (`-n` after the node).
+fn numbered(path: &str, node: u64, when: SystemTime, n: u32) -> String {
+    let node = if n > 1 {
+        format!("{node}-{n}")
+    } else {
+        node.to_string()
+    };
     let secs = when
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -22,6 +46,12 @@ pub fn conflict_name(path: &str, node: u64, when: SystemTime) -> String {
         ),
         None => format!("{dir}{file}.sync-conflict-{stamp}-{node}"),
     }
+}
+
+/// True if the last component of `path` is a conflict copy's name.
+pub fn is_conflict_copy(path: &str) -> bool {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    file.contains(".sync-conflict-")
 }
 
 /// `YYYYMMDD-HHMMSS` in UTC (civil-from-days, Howard Hinnant's algorithm).
@@ -67,5 +97,23 @@ mod tests {
             "a/.bashrc.sync-conflict-20261118-110640-1"
         );
         assert_eq!(utc_stamp(0), "19700101-000000");
+        assert!(is_conflict_copy(&conflict_name("a/b.txt", 2, t)));
+        assert!(is_conflict_copy(&conflict_name("Makefile", 2, t)));
+        assert!(!is_conflict_copy("a.sync-conflict-x/b.txt"));
+        assert!(!is_conflict_copy("notes.txt"));
+    }
+
+    #[test]
+    fn a_second_conflict_in_the_same_second_gets_its_own_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_763_463_600);
+        let first = free_conflict_name(dir.path(), "d/a.txt", 3, t);
+        assert_eq!(first, conflict_name("d/a.txt", 3, t));
+        std::fs::create_dir_all(dir.path().join("d")).unwrap();
+        std::fs::write(dir.path().join(&first), b"one").unwrap();
+        let second = free_conflict_name(dir.path(), "d/a.txt", 3, t);
+        assert_ne!(second, first);
+        assert!(second.ends_with("-3-2.txt"), "{second}");
+        assert!(is_conflict_copy(&second));
     }
 }

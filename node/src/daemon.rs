@@ -101,6 +101,11 @@ pub struct TransportNet {
 
 impl TransportNet {
     fn peer(&self, node: NodeId) -> Result<PeerId, PeerError> {
+        // Always false unless built with `lab-hooks` (the lab's loopback
+        // partitions): every exchange below starts here.
+        if crate::lab_hooks::dropped(node) {
+            return Err(PeerError::new(node, "cut off by the lab's drop_peers hook"));
+        }
         let m = self.raft.metrics().borrow().clone();
         let info = m
             .membership_config
@@ -112,6 +117,21 @@ impl TransportNet {
         let (peer, _) = synod_transport::peer_of(&info).map_err(|e| PeerError::new(node, e))?;
         Ok(peer)
     }
+
+    /// The node id of `peer`, if it is a member or configured.
+    fn node_of(&self, peer: &PeerId) -> Option<NodeId> {
+        let text = peer.to_string();
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let found = m
+            .membership_config
+            .membership()
+            .nodes()
+            .chain(self.configured.iter())
+            .find(|(_, info)| info.peer_id == text)
+            .map(|(id, _)| *id);
+        found
+    }
 }
 
 impl PeerNet for TransportNet {
@@ -121,10 +141,14 @@ impl PeerNet for TransportNet {
         ids: Vec<Hash>,
     ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
         let p = self.peer(peer)?;
-        self.handle
+        let got = self
+            .handle
             .fetch_chunks(p, &ids)
             .await
-            .map_err(|e| PeerError::new(peer, e))
+            .map_err(|e| PeerError::new(peer, e))?;
+        let bytes: usize = got.iter().flatten().map(Vec::len).sum();
+        self.metrics.peer_traffic.received(peer, bytes as u64);
+        Ok(got)
     }
 
     async fn missing_chunks(&self, peer: NodeId, ids: Vec<Hash>) -> Result<Vec<Hash>, PeerError> {
@@ -141,6 +165,7 @@ impl PeerNet for TransportNet {
         chunks: Vec<(Hash, Vec<u8>)>,
     ) -> Result<(), PeerError> {
         let p = self.peer(peer)?;
+        let bytes: usize = chunks.iter().map(|(_, b)| b.len()).sum();
         let chunks = chunks
             .into_iter()
             .map(|(id, bytes)| ChunkData { id, bytes })
@@ -148,7 +173,9 @@ impl PeerNet for TransportNet {
         self.handle
             .push_chunks(p, chunks)
             .await
-            .map_err(|e| PeerError::new(peer, e))
+            .map_err(|e| PeerError::new(peer, e))?;
+        self.metrics.peer_traffic.sent(peer, bytes as u64);
+        Ok(())
     }
 
     async fn push_manifest(&self, peer: NodeId, manifest: Vec<u8>) -> Result<(), PeerError> {
@@ -285,7 +312,7 @@ impl Services for NodeServices {
 
     fn read_chunks(
         &self,
-        _peer: PeerId,
+        peer: PeerId,
         ids: Vec<Hash>,
     ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
         async move {
@@ -294,6 +321,9 @@ impl Services for NodeServices {
                 let out: Vec<Option<Vec<u8>>> = ids.iter().map(|id| node.serve_chunk(id)).collect();
                 let bytes: usize = out.iter().flatten().map(Vec::len).sum();
                 Metrics::add(&node.metrics.bytes_served, bytes as u64);
+                if let Some(to) = node.net.node_of(&peer) {
+                    node.metrics.peer_traffic.sent(to, bytes as u64);
+                }
                 out
             })
             .await
@@ -304,7 +334,7 @@ impl Services for NodeServices {
 
     fn store_chunks(
         &self,
-        _peer: PeerId,
+        peer: PeerId,
         chunks: Vec<ChunkData>,
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
         async move {
@@ -312,7 +342,12 @@ impl Services for NodeServices {
             tokio::task::spawn_blocking(move || {
                 let pairs: Vec<(Hash, Vec<u8>)> =
                     chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
-                node.store_pushed(&pairs)
+                node.store_pushed(&pairs)?;
+                if let Some(from) = node.net.node_of(&peer) {
+                    let bytes: usize = pairs.iter().map(|(_, b)| b.len()).sum();
+                    node.metrics.peer_traffic.received(from, bytes as u64);
+                }
+                Ok(())
             })
             .await
             .map_err(|e| ServiceError(e.to_string()))?
@@ -451,7 +486,12 @@ impl Daemon {
         rcfg.snapshot_max_chunk_size = synod_transport::raft_network::max_snapshot_chunk_size();
         let rcfg = Arc::new(rcfg.validate()?);
         // The identity without the `lab-hooks` feature.
-        let network = crate::lab_hooks::raft_network(P2pRaftNetwork::new(transport.clone(), id));
+        let metrics = Arc::new(Metrics::default());
+        let network = crate::contact::ContactNetwork::new(
+            P2pRaftNetwork::new(transport.clone(), id),
+            metrics.clone(),
+        );
+        let network = crate::lab_hooks::raft_network(network);
         let raft = SynodRaft::new(id, rcfg, network, log_store, sm)
             .await
             .context("starting Raft")?;
@@ -461,7 +501,6 @@ impl Daemon {
             Some(s) => ChunkParams::new(s.chunk_min, s.chunk_avg, s.chunk_max)?,
             None => ChunkParams::new(cfg.chunking.min, cfg.chunking.avg, cfg.chunking.max)?,
         };
-        let metrics = Arc::new(Metrics::default());
         let net = Arc::new(TransportNet {
             handle: transport.clone(),
             raft: raft.clone(),
@@ -501,6 +540,10 @@ impl Daemon {
                 .in_current_span(),
         ));
         tasks.push(tokio::spawn(
+            crate::events::follow_raft(raft.clone(), node.metrics.clone(), shutdown.subscribe())
+                .in_current_span(),
+        ));
+        tasks.push(tokio::spawn(
             follow_membership(
                 raft.clone(),
                 transport.clone(),
@@ -525,6 +568,7 @@ impl Daemon {
                 replication: cfg.replication,
             },
             verify: Default::default(),
+            conflicts: Default::default(),
         });
         let mut stop = shutdown.subscribe();
         tasks.push(tokio::spawn(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
+use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use synod_chunker::{ChunkParams, Manifest};
 use synod_consensus::{
     Answer, Command, Consistency, Entry, EntryKind, Expect, NodeId, NsPath, ProposeError, Proposer,
@@ -29,6 +29,11 @@ use crate::staging::Staging;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most chunks in one push or fetch request.
 pub const BATCH_CHUNKS: usize = 16;
+/// Files up to this size are pushed without asking which chunks the peer
+/// lacks (one round trip saved; at worst a few KiB sent twice).
+const SEND_WITHOUT_ASKING: u64 = 256 << 10;
+/// Push requests to one peer in flight at once.
+const PUSHES_IN_FLIGHT: usize = 3;
 
 /// Everything one running node owns.
 pub struct SyncNode<N: PeerNet> {
@@ -81,6 +86,13 @@ impl<N: PeerNet> SyncNode<N> {
         (voters, learners, m.current_leader)
     }
 
+    /// How long pushing `size` bytes to a quorum may take: the write
+    /// timeout plus time at a floor rate of 8 MiB/s, so a large file is not
+    /// refused for its size while a dead quorum is still noticed.
+    pub fn content_timeout(&self, size: u64) -> Duration {
+        self.write_timeout + Duration::from_secs(size / (8 << 20))
+    }
+
     pub fn watch_watermark(&self) -> watch::Receiver<u64> {
         self.watermark.subscribe()
     }
@@ -119,12 +131,13 @@ impl<N: PeerNet> SyncNode<N> {
         self.local
             .put_manifest(&manifest)
             .map_err(|e| NodeError::internal("storing the manifest", e))?;
-        let holders = tokio::time::timeout(self.write_timeout, self.replicate(&manifest, tmp))
+        let limit = self.content_timeout(manifest.size());
+        let holders = tokio::time::timeout(limit, self.replicate(&manifest, tmp))
             .await
             .map_err(|_| {
                 NodeError::Unavailable(format!(
-                    "content of {path} did not reach {} nodes within {:?}",
-                    self.replication, self.write_timeout
+                    "content of {path} did not reach {} nodes within {limit:?}",
+                    self.replication
                 ))
             })??;
         self.uploads
@@ -260,7 +273,12 @@ impl<N: PeerNet> SyncNode<N> {
         let mut seen = std::collections::HashSet::new();
         let unique: Vec<Hash> = manifest.chunk_ids().filter(|id| seen.insert(*id)).collect();
         let mut missing = BTreeSet::new();
-        for ids in unique.chunks(4096) {
+        // A small file costs less to send than to ask about first.
+        let ask = manifest.size() > SEND_WITHOUT_ASKING;
+        if !ask {
+            missing.extend(unique.iter().copied());
+        }
+        for ids in unique.chunks(4096).filter(|_| ask) {
             let lacks = self
                 .net
                 .missing_chunks(peer, ids.to_vec())
@@ -277,6 +295,7 @@ impl<N: PeerNet> SyncNode<N> {
                 .copied()
                 .collect()
         };
+        let mut batches = Vec::new();
         let mut start = 0;
         while start < refs.len() {
             let mut end = start;
@@ -285,36 +304,49 @@ impl<N: PeerNet> SyncNode<N> {
                 bytes += refs[end].len as usize;
                 end += 1;
             }
-            let batch = refs[start..end].to_vec();
-            let path = file.to_owned();
-            let chunks =
-                tokio::task::spawn_blocking(move || -> std::io::Result<Vec<(Hash, Vec<u8>)>> {
-                    let f = std::fs::File::open(&path)?;
-                    batch
-                        .iter()
-                        .map(|c| {
-                            let mut buf = vec![0u8; c.len as usize];
-                            f.read_exact_at(&mut buf, c.offset)?;
-                            Ok((c.id, buf))
-                        })
-                        .collect()
-                })
-                .await
-                .map_err(|e| NodeError::internal("reading upload", e))?
-                .map_err(|e| NodeError::internal("reading upload", e))?;
-            self.net
-                .push_chunks(peer, chunks)
-                .await
-                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-            Metrics::add(&self.metrics.bytes_pushed, bytes as u64);
+            batches.push((refs[start..end].to_vec(), bytes));
             start = end;
         }
         // The chunks alone are not the file: their order must survive this
-        // node too.
-        self.net
-            .push_manifest(peer, crate::local::encode(manifest))
-            .await
-            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        // node too. The manifest travels alongside, not after, the chunks:
+        // the commit waits for both anyway.
+        let send_manifest = async {
+            self.net
+                .push_manifest(peer, crate::local::encode(manifest))
+                .await
+                .map_err(|e| NodeError::Unavailable(e.to_string()))
+        };
+        // A few pushes in flight: the receiver's fsync of one batch overlaps
+        // the transfer of the next.
+        let send_chunks = futures::stream::iter(batches)
+            .map(|(batch, bytes)| async move {
+                let path = file.to_owned();
+                let chunks = tokio::task::spawn_blocking(
+                    move || -> std::io::Result<Vec<(Hash, Vec<u8>)>> {
+                        let f = std::fs::File::open(&path)?;
+                        batch
+                            .iter()
+                            .map(|c| {
+                                let mut buf = vec![0u8; c.len as usize];
+                                f.read_exact_at(&mut buf, c.offset)?;
+                                Ok((c.id, buf))
+                            })
+                            .collect()
+                    },
+                )
+                .await
+                .map_err(|e| NodeError::internal("reading upload", e))?
+                .map_err(|e| NodeError::internal("reading upload", e))?;
+                self.net
+                    .push_chunks(peer, chunks)
+                    .await
+                    .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+                Metrics::add(&self.metrics.bytes_pushed, bytes as u64);
+                Ok::<(), NodeError>(())
+            })
+            .buffered(PUSHES_IN_FLIGHT)
+            .try_collect::<Vec<()>>();
+        futures::try_join!(send_chunks, send_manifest)?;
         debug!(peer, pushed = refs.len(), "content replicated");
         Ok(())
     }
@@ -322,6 +354,7 @@ impl<N: PeerNet> SyncNode<N> {
     /// Commits `cmd` through the leader, wherever it is, retrying with the
     /// same request id (so it applies at most once) until the write timeout.
     pub async fn propose(&self, cmd: Command) -> Result<Answer, NodeError> {
+        let _latency = self.metrics.commit_latency.timer();
         let rid = self.proposer.next_request_id();
         let deadline = Instant::now() + self.write_timeout;
         let mut last_error = String::from("no leader elected");
@@ -571,12 +604,11 @@ impl<N: PeerNet> SyncNode<N> {
                 return Err(format!("pushed chunk {id} does not match its bytes"));
             }
         }
-        for (id, bytes) in chunks {
-            self.staging
-                .put(id, bytes)
-                .map_err(|e| format!("staging chunk {id}: {e}"))?;
-            Metrics::add(&self.metrics.bytes_received_pushed, bytes.len() as u64);
-        }
+        self.staging
+            .put_many(chunks)
+            .map_err(|e| format!("staging {} chunks: {e}", chunks.len()))?;
+        let bytes: usize = chunks.iter().map(|(_, b)| b.len()).sum();
+        Metrics::add(&self.metrics.bytes_received_pushed, bytes as u64);
         self.staging
             .sync_dir()
             .map_err(|e| format!("fsync staging: {e}"))?;

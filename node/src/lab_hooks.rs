@@ -17,9 +17,16 @@
 //! - `clock_offset_ms`: added to every wall-clock reading of the node
 //!   (upload mtimes, conflict-copy names, staging age): a clock jump on one
 //!   node while the machine's clock is shared.
+//! - `drop_peers`: node ids this node sends nothing to: every outgoing Raft
+//!   RPC, forwarded write, read-index request, chunk or manifest exchange
+//!   with them fails at once as if the peer were unreachable. The lab sets
+//!   it on both ends of every cut link, which is how `--net loopback` runs
+//!   the partition nemeses without network namespaces (a request that is
+//!   never sent also gets no answer, so two one-sided drops cut a link both
+//!   ways, as a lost QUIC path does).
 //!
 //! They start from the environment variable `SYNOD_LAB_HOOKS`, e.g.
-//! `stale-reads,delay-ms=50,clock-offset-ms=-3600000`, and change at run
+//! `stale-reads,delay-ms=50,clock-offset-ms=-3600000,drop-peers=2+3`, and change at run
 //! time through `GET`/`PUT /v1/lab/hooks` (JSON, fields as above; a `PUT`
 //! changes only the fields it names).
 
@@ -55,6 +62,12 @@ mod disabled {
         network
     }
 
+    /// Never: every peer is reachable.
+    #[inline(always)]
+    pub fn dropped(_peer: u64) -> bool {
+        false
+    }
+
     /// No routes.
     pub fn routes<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
         axum::Router::new()
@@ -85,6 +98,8 @@ mod enabled {
         stale_reads: AtomicBool,
         delay_ms: AtomicU64,
         clock_offset_ms: AtomicI64,
+        /// Bit `id` set: nothing is sent to node `id` (ids below 64).
+        drop_peers: AtomicU64,
     }
 
     /// The hooks as JSON: the state (`GET`) or a change (`PUT`).
@@ -96,12 +111,16 @@ mod enabled {
         pub delay_ms: Option<u64>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub clock_offset_ms: Option<i64>,
+        /// Peers this node sends nothing to (`[]` heals).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        pub drop_peers: Option<Vec<u64>>,
         /// The node's (offset) clock, ns since the epoch; answers only.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pub now_ns: Option<i64>,
     }
 
-    /// Reads `SYNOD_LAB_HOOKS` (`stale-reads,delay-ms=N,clock-offset-ms=N`).
+    /// Reads `SYNOD_LAB_HOOKS` (`stale-reads,delay-ms=N,clock-offset-ms=N,
+    /// drop-peers=A+B`).
     pub fn parse_spec(spec: &str) -> Result<HookSettings, String> {
         let mut s = HookSettings::default();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
@@ -111,6 +130,17 @@ mod enabled {
                 "stale-reads" => s.stale_reads = Some(value != "0" && value != "false"),
                 "delay-ms" => s.delay_ms = Some(value.parse().map_err(bad)?),
                 "clock-offset-ms" => s.clock_offset_ms = Some(value.parse().map_err(bad)?),
+                "drop-peers" => {
+                    let ids = value
+                        .split('+')
+                        .filter(|v| !v.is_empty())
+                        .map(|v| v.parse::<u64>().ok().filter(|id| *id < 64))
+                        .collect::<Option<Vec<u64>>>()
+                        .ok_or_else(|| {
+                            format!("SYNOD_LAB_HOOKS: bad value in {part:?} (node ids below 64, joined by +)")
+                        })?;
+                    s.drop_peers = Some(ids);
+                }
                 _ => return Err(format!("SYNOD_LAB_HOOKS: unknown hook {key:?}")),
             }
         }
@@ -143,6 +173,14 @@ mod enabled {
         if let Some(v) = s.clock_offset_ms {
             h.clock_offset_ms.store(v, Ordering::SeqCst);
         }
+        if let Some(ids) = &s.drop_peers {
+            // Ids of 64 and above cannot be dropped (the lab uses 1..=9).
+            let mask = ids
+                .iter()
+                .filter(|id| **id < 64)
+                .fold(0u64, |m, id| m | (1 << id));
+            h.drop_peers.store(mask, Ordering::SeqCst);
+        }
         // Not `current()`: this runs inside `hooks()`'s initialisation too.
         tracing::warn!(change = ?s, "LAB HOOKS set (test-only build)");
     }
@@ -153,6 +191,10 @@ mod enabled {
             stale_reads: Some(h.stale_reads.load(Ordering::SeqCst)),
             delay_ms: Some(h.delay_ms.load(Ordering::SeqCst)),
             clock_offset_ms: Some(h.clock_offset_ms.load(Ordering::SeqCst)),
+            drop_peers: Some({
+                let mask = h.drop_peers.load(Ordering::SeqCst);
+                (0..64).filter(|id| mask & (1 << id) != 0).collect()
+            }),
             now_ns: now()
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .ok()
@@ -177,6 +219,11 @@ mod enabled {
         }
     }
 
+    /// Whether nothing may be sent to `peer` (the lab cut the link).
+    pub fn dropped(peer: u64) -> bool {
+        peer < 64 && hooks().drop_peers.load(Ordering::Relaxed) & (1 << peer) != 0
+    }
+
     /// Sleeps a random 0..=delay_ms before an outgoing message.
     pub async fn delay_message() {
         let max = hooks().delay_ms.load(Ordering::Relaxed);
@@ -199,12 +246,13 @@ mod enabled {
         )
     }
 
-    /// Wraps the Raft network so every RPC waits [`delay_message`] first.
+    /// Wraps the Raft network so every RPC waits [`delay_message`] first,
+    /// and fails as unreachable while its target is [`dropped`].
     pub fn raft_network<F>(network: F) -> DelayedRaftNetwork<F> {
         DelayedRaftNetwork { inner: network }
     }
 
-    /// A Raft network whose RPCs are delayed by the lab's hook.
+    /// A Raft network whose RPCs are delayed or dropped by the lab's hooks.
     #[derive(Debug, Clone)]
     pub struct DelayedRaftNetwork<F> {
         inner: F,
@@ -215,18 +263,26 @@ mod enabled {
 
         async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
             DelayedConnection {
+                target,
                 inner: self.inner.new_client(target, node).await,
             }
         }
     }
 
-    /// One target's RPCs, delayed.
+    /// One target's RPCs, delayed or dropped.
     #[derive(Debug)]
     pub struct DelayedConnection<C> {
+        target: NodeId,
         inner: C,
     }
 
     type RpcErr<E = openraft::error::Infallible> = RPCError<NodeId, NodeInfo, RaftError<NodeId, E>>;
+
+    /// The error of an RPC to a peer the lab cut off.
+    fn cut<E: std::error::Error>(target: NodeId) -> RPCError<NodeId, NodeInfo, E> {
+        let why = std::io::Error::other(format!("lab hook drop_peers: node {target} is cut off"));
+        RPCError::Unreachable(openraft::error::Unreachable::new(&why))
+    }
 
     impl<C: RaftNetwork<TypeConfig>> RaftNetwork<TypeConfig> for DelayedConnection<C> {
         async fn append_entries(
@@ -235,6 +291,9 @@ mod enabled {
             option: RPCOption,
         ) -> Result<AppendEntriesResponse<NodeId>, RpcErr> {
             delay_message().await;
+            if dropped(self.target) {
+                return Err(cut(self.target));
+            }
             self.inner.append_entries(rpc, option).await
         }
 
@@ -244,6 +303,9 @@ mod enabled {
             option: RPCOption,
         ) -> Result<InstallSnapshotResponse<NodeId>, RpcErr<InstallSnapshotError>> {
             delay_message().await;
+            if dropped(self.target) {
+                return Err(cut(self.target));
+            }
             self.inner.install_snapshot(rpc, option).await
         }
 
@@ -253,6 +315,9 @@ mod enabled {
             option: RPCOption,
         ) -> Result<VoteResponse<NodeId>, RpcErr> {
             delay_message().await;
+            if dropped(self.target) {
+                return Err(cut(self.target));
+            }
             self.inner.vote(rpc, option).await
         }
     }
@@ -269,7 +334,34 @@ mod enabled {
             assert_eq!(s.clock_offset_ms, Some(-5000));
             assert_eq!(parse_spec("").expect("empty"), HookSettings::default());
             assert!(parse_spec("ack-early").is_err());
+            let d = parse_spec("drop-peers=2+3").expect("parse");
+            assert_eq!(d.drop_peers, Some(vec![2, 3]));
+            assert_eq!(
+                parse_spec("drop-peers=").expect("parse").drop_peers,
+                Some(vec![])
+            );
+            assert!(parse_spec("drop-peers=2+x").is_err());
+            assert!(parse_spec("drop-peers=64").is_err());
             assert!(parse_spec("delay-ms=soon").is_err());
+        }
+
+        #[test]
+        fn dropped_peers_follow_the_hook() {
+            let set = |ids: Vec<u64>| {
+                apply(
+                    hooks(),
+                    &HookSettings {
+                        drop_peers: Some(ids),
+                        ..Default::default()
+                    },
+                )
+            };
+            set(vec![2, 3]);
+            assert!(dropped(2) && dropped(3));
+            assert!(!dropped(1) && !dropped(64));
+            assert_eq!(current().drop_peers, Some(vec![2, 3]));
+            set(vec![]);
+            assert!(!dropped(2) && !dropped(3));
         }
 
         #[test]

@@ -13,6 +13,8 @@
 //! - `peers`: the network as the engine needs it ([`peers::PeerNet`]).
 //! - `local`, `staging`, `fsutil`: what a node keeps on its own disk.
 //! - `api`, `status`, `metrics`: the HTTP API, status page and counters.
+//! - `events`, `contact`: recent events and each peer's last Raft answer,
+//!   for the status page.
 //! - `client`, `up`, `bench`, `logging`: the CLI's side.
 //! - `conflict`: names of conflict copies.
 //! - `lab_hooks`: test-only fault hooks for synod-lab (feature `lab-hooks`;
@@ -23,9 +25,11 @@ pub mod bench;
 pub mod client;
 pub mod config;
 pub mod conflict;
+pub mod contact;
 pub mod daemon;
 pub mod engine;
 pub mod error;
+pub mod events;
 pub mod fsutil;
 pub mod lab_hooks;
 pub mod local;

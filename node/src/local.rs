@@ -53,6 +53,7 @@ pub struct LocalState {
     meta: sled::Tree,
     pending: sled::Tree,
     index: ChunkIndex,
+    flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A local edit that could not be committed yet (no quorum): the durable
@@ -110,6 +111,7 @@ impl LocalState {
             manifests: db.open_tree(MANIFESTS)?,
             meta: db.open_tree(META)?,
             pending: db.open_tree(PENDING)?,
+            flushing: Default::default(),
             index: ChunkIndex::with_db(&db)?,
             db,
         })
@@ -224,7 +226,13 @@ impl LocalState {
 
     /// Makes everything recorded so far durable.
     pub async fn flush(&self) -> Result<(), LocalStateError> {
-        self.db.flush_async().await?;
+        // One flush at a time (the next finds little left to write), and off
+        // sled's thread pool (see `synod_consensus::NodeStorage`).
+        let _one = self.flushing.lock().await;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))??;
         Ok(())
     }
 }

@@ -84,6 +84,10 @@ enum Cmd {
         /// Directory for the cluster and dataset (kept); default a temporary one.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Measure folder-sync scale instead: this many small files dropped
+        /// into node 1's folder (initial scan, rescan, memory).
+        #[arg(long)]
+        scan_files: Option<usize>,
     },
     /// Cluster membership: list, add a learner, promote, remove.
     #[command(after_help = "Examples:
@@ -281,12 +285,14 @@ fn run(cli: Cli) -> Result<()> {
             seed,
             clients,
             dir,
+            scan_files,
         } => synod_node::bench::bench(&synod_node::bench::BenchOptions {
             big_mib,
             small_files,
             seed,
             dir,
             clients,
+            scan_files,
         }),
         Cmd::Cluster { action, target } => match action {
             ClusterCmd::Members => {

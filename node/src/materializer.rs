@@ -70,6 +70,7 @@ pub async fn run<N: PeerNet>(node: Arc<SyncNode<N>>, mut shutdown: broadcast::Re
             }
             Err(e) => {
                 warn!(cause = %e, retry_in = ?backoff, "materialize failed; will retry");
+                Metrics::add(&node.metrics.materialize_errors, 1);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.recv() => return,
@@ -82,6 +83,9 @@ pub async fn run<N: PeerNet>(node: Arc<SyncNode<N>>, mut shutdown: broadcast::Re
 
 /// Materializes the next batch of changes. `Ok(false)` when caught up.
 async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeError> {
+    // Taken before the feed is read: a change the scanner commits meanwhile
+    // is then either in this read or recorded before it.
+    let _folder = node.folder_lock.lock().await;
     let wm = node
         .local
         .watermark()
@@ -110,7 +114,6 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     } else {
         changes[changes.len() - 1].version
     };
-    let _folder = node.folder_lock.lock().await;
     // Live entries first: a rename's target can then take the bytes of its
     // source before the source's tombstone removes them.
     let (live, dead): (Vec<Change>, Vec<Change>) =
@@ -119,7 +122,7 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
         materialize_entry(node, &c.path, &c.entry).await?;
     }
     for c in &dead {
-        remove_entry(node, &c.path).await?;
+        remove_entry(node, &c.path, c.entry.version).await?;
     }
     set_watermark(node, through).await?;
     Ok(true)
@@ -158,6 +161,10 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         .local
         .file(path.as_str())
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    // Never replace what a newer commit put here with an older version.
+    if local.as_ref().is_some_and(|l| l.version > entry.version) {
+        return Ok(());
+    }
     if let Some(l) = &local {
         if l.root == entry.root && on_disk_matches(&target, l) {
             if l.version != entry.version {
@@ -176,6 +183,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
             return Ok(());
         }
     }
+    clear_ancestors(node, path)?;
     preserve_local_edit(node, path, &target, local.as_ref(), Some(entry.root))?;
 
     // The uploader already holds the bytes in a temp file.
@@ -200,6 +208,13 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         }
         None => assemble(node, path, entry, local.as_ref()).await?,
     };
+    // The fetch took time: an edit made meanwhile is kept too.
+    if let Err(e) = preserve_local_edit(node, path, &target, local.as_ref(), Some(entry.root)) {
+        if !from_upload {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        return Err(e);
+    }
     // Mode and mtime travel with the entry.
     let placed = set_mode_and_mtime(&tmp, entry).and_then(|()| fsutil::place(&tmp, &target));
     if from_upload {
@@ -226,6 +241,9 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         node.staging.remove(&c.id);
     }
     Metrics::add(&node.metrics.files_materialized, 1);
+    node.metrics
+        .events
+        .record(crate::events::EventKind::Materialized, path);
     debug!(path = %path, version = entry.version, "materialized");
     Ok(())
 }
@@ -261,6 +279,36 @@ fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
     }
 }
 
+/// Makes every ancestor of `path` inside the folder a real directory. A
+/// symlink or a file in the way (local, never committed under that name)
+/// is moved aside under a conflict name, so nothing is written through a
+/// link to outside the folder and nothing local is lost.
+fn clear_ancestors<N: PeerNet>(node: &SyncNode<N>, path: &NsPath) -> Result<(), MaterializeError> {
+    let mut at = node.folder.clone();
+    let segments: Vec<&str> = path.as_str().split('/').collect();
+    for (i, seg) in segments[..segments.len() - 1].iter().enumerate() {
+        at.push(seg);
+        let Ok(meta) = std::fs::symlink_metadata(&at) else {
+            return Ok(());
+        };
+        if meta.is_dir() {
+            continue;
+        }
+        let rel = segments[..=i].join("/");
+        let aside = crate::conflict::free_conflict_name(
+            &node.folder,
+            &rel,
+            node.id,
+            crate::lab_hooks::now(),
+        );
+        warn!(path = %path, blocking = %rel, kept_as = %aside, "a local link or file stood where the committed path needs a directory; moved aside");
+        fsutil::place(&at, &node.folder.join(&aside))
+            .map_err(io_err(format!("moving {} aside", at.display())))?;
+        return Ok(());
+    }
+    Ok(())
+}
+
 /// A file at `target` that is not what this node last wrote there was edited
 /// behind synod's back: keep it under a conflict name rather than overwrite.
 fn preserve_local_edit<N: PeerNet>(
@@ -287,9 +335,17 @@ fn preserve_local_edit<N: PeerNet>(
             }
         }
     }
-    let aside = crate::conflict::conflict_name(path.as_str(), node.id, crate::lab_hooks::now());
+    let aside = crate::conflict::free_conflict_name(
+        &node.folder,
+        path.as_str(),
+        node.id,
+        crate::lab_hooks::now(),
+    );
     let aside_path = node.folder.join(&aside);
     warn!(path = %path, kept_as = %aside, "local file changed behind synod's back; kept beside the committed one");
+    node.metrics
+        .events
+        .record(crate::events::EventKind::ConflictCopy, &aside);
     fsutil::place(target, &aside_path).map_err(io_err(format!("keeping {}", target.display())))
 }
 
@@ -576,12 +632,17 @@ async fn fetch_from_peers<N: PeerNet>(
 async fn remove_entry<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     path: &NsPath,
+    version: u64,
 ) -> Result<(), MaterializeError> {
     let target = node.folder.join(path.as_str());
     let local = node
         .local
         .file(path.as_str())
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    // The local file belongs to a newer commit than this delete.
+    if local.as_ref().is_some_and(|l| l.version > version) {
+        return Ok(());
+    }
     match std::fs::symlink_metadata(&target) {
         Ok(meta) if meta.is_dir() => {
             // Only empty directories go; files inside have their own entries.
@@ -598,10 +659,16 @@ async fn remove_entry<N: PeerNet>(
                     fsutil::fsync_dir(parent).map_err(io_err("fsync after remove"))?;
                 }
                 Metrics::add(&node.metrics.files_removed, 1);
+                node.metrics
+                    .events
+                    .record(crate::events::EventKind::Removed, path);
             } else {
                 // Edit/delete conflict: the edit is kept where it is and, no
                 // longer recorded, is committed again by the scanner.
                 warn!(path = %path, "deleted remotely but edited here; the edit is kept");
+                node.metrics
+                    .events
+                    .record(crate::events::EventKind::EditKept, path);
             }
         }
         Err(_) => {}

@@ -144,7 +144,13 @@ pub async fn run<N: PeerNet>(
     }
     let mut reported = HashSet::new();
     loop {
-        let soon = match scan(&node, &mut reported).await {
+        let started = std::time::Instant::now();
+        let result = scan(&node, &mut reported).await;
+        node.metrics.scan_last_ms.store(
+            started.elapsed().as_millis() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let soon = match result {
             Ok(r) => {
                 if r.committed + r.conflicts + r.pending > 0 {
                     info!(
@@ -359,7 +365,13 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
             continue;
         }
         if ft.is_symlink() {
-            skipped.push((rel, "symbolic links are not synced yet".into()));
+            let why = match std::fs::read_link(&abs) {
+                Ok(t) if escapes(&rel, &t) => {
+                    format!("symbolic link to {} points outside the folder", t.display())
+                }
+                _ => "symbolic links are not synced yet".into(),
+            };
+            skipped.push((rel, why));
             continue;
         }
         if !ft.is_file() {
@@ -396,6 +408,26 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
         });
     }
     Ok((found, skipped))
+}
+
+/// Whether link `target`, found at `rel` inside the folder, resolves
+/// lexically outside the folder.
+fn escapes(rel: &str, target: &Path) -> bool {
+    if target.is_absolute() {
+        return true;
+    }
+    let mut depth = rel.split('/').count() as i64 - 1;
+    for c in target.components() {
+        match c {
+            std::path::Component::ParentDir => depth -= 1,
+            std::path::Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
 }
 
 /// An op ready to commit: content chunked and replicated where needed.
@@ -450,17 +482,16 @@ async fn prepare<N: PeerNet>(
                     if let Err(e) = node.local.put_manifest(&manifest) {
                         return Outcome::Failed(op, NodeError::internal("storing a manifest", e));
                     }
-                    let replicated = tokio::time::timeout(
-                        node.write_timeout,
-                        node.replicate(&manifest, &found.abs),
-                    )
-                    .await
-                    .unwrap_or_else(|_| {
-                        Err(NodeError::Unavailable(format!(
-                            "content did not reach {} nodes within {:?}",
-                            node.replication, node.write_timeout
-                        )))
-                    });
+                    let limit = node.content_timeout(manifest.size());
+                    let replicated =
+                        tokio::time::timeout(limit, node.replicate(&manifest, &found.abs))
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(NodeError::Unavailable(format!(
+                                    "content did not reach {} nodes within {limit:?}",
+                                    node.replication
+                                )))
+                            });
                     match replicated {
                         Ok(holders) => Outcome::Ready(Prepared {
                             op,
@@ -707,13 +738,20 @@ async fn lost_race<N: PeerNet>(
         let cmd = Command::put(&found.path, entry_of(node, found, m, &p.holders), expect);
         if let Ok(Answer::Ok { version }) = node.propose(cmd).await {
             info!(path = %found.path, "edit of a deleted file kept");
+            node.metrics
+                .events
+                .record(crate::events::EventKind::EditKept, &found.path);
             return record(node, found, m, version);
         }
         // Changed again meanwhile: the next scan deals with it.
         return Ok(());
     }
-    let aside =
-        crate::conflict::conflict_name(found.path.as_str(), node.id, crate::lab_hooks::now());
+    let aside = crate::conflict::free_conflict_name(
+        &node.folder,
+        found.path.as_str(),
+        node.id,
+        crate::lab_hooks::now(),
+    );
     let aside_path = NsPath::parse(&aside).map_err(|e| NodeError::BadRequest(e.to_string()))?;
     let cmd = Command::put(
         &aside_path,
@@ -736,6 +774,9 @@ async fn lost_race<N: PeerNet>(
             };
             record(node, &moved, m, version)?;
             Metrics::add(&node.metrics.conflict_copies, 1);
+            node.metrics
+                .events
+                .record(crate::events::EventKind::ConflictCopy, &aside);
             warn!(path = %found.path, kept_as = %aside, "concurrent edit lost; kept as a conflict copy");
             Ok(())
         }

@@ -57,11 +57,18 @@ impl Staging {
 
     /// Stores `bytes` as chunk `id` durably. The caller has checked the hash.
     pub fn put(&self, id: &Hash, bytes: &[u8]) -> io::Result<()> {
-        let final_path = self.path_of(id);
-        if final_path.is_file() {
-            return Ok(());
-        }
-        let len = bytes.len() as u64;
+        self.put_many(&[(*id, bytes.to_vec())])
+    }
+
+    /// Stores every chunk durably: all are written first and fsynced after,
+    /// so the filesystem commits its journal about once for the batch
+    /// rather than once per chunk. The caller has checked the hashes.
+    pub fn put_many(&self, chunks: &[(Hash, Vec<u8>)]) -> io::Result<()> {
+        let fresh: Vec<&(Hash, Vec<u8>)> = chunks
+            .iter()
+            .filter(|(id, _)| !self.path_of(id).is_file())
+            .collect();
+        let len: u64 = fresh.iter().map(|(_, b)| b.len() as u64).sum();
         let before = self.used.fetch_add(len, Ordering::Relaxed);
         if before + len > self.limit {
             self.used.fetch_sub(len, Ordering::Relaxed);
@@ -74,16 +81,31 @@ impl Staging {
                 ),
             ));
         }
-        let tmp = self.dir.join(format!(".{id}.tmp"));
+        let tag: u32 = rand::random();
+        let tmps: Vec<PathBuf> = fresh
+            .iter()
+            .map(|(id, _)| self.dir.join(format!(".{id}.{tag:08x}.tmp")))
+            .collect();
         let written = (|| {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(bytes)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &final_path)
+            let mut files = Vec::with_capacity(fresh.len());
+            for ((_, bytes), tmp) in fresh.iter().zip(&tmps) {
+                let mut f = std::fs::File::create(tmp)?;
+                f.write_all(bytes)?;
+                files.push(f);
+            }
+            for f in &files {
+                f.sync_all()?;
+            }
+            for ((id, _), tmp) in fresh.iter().zip(&tmps) {
+                std::fs::rename(tmp, self.path_of(id))?;
+            }
+            Ok(())
         })();
         if written.is_err() {
             self.used.fetch_sub(len, Ordering::Relaxed);
-            let _ = std::fs::remove_file(&tmp);
+            for tmp in &tmps {
+                let _ = std::fs::remove_file(tmp);
+            }
         }
         written
     }

@@ -1,9 +1,16 @@
 //! What `/v1/status`, `/v1/cluster` and `/metrics` report.
 
-use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
+use serde::{Deserialize, Serialize};
+use synod_consensus::StateView;
+
+use crate::contact::ContactReport;
 use crate::engine::SyncNode;
-use crate::metrics::MetricsSnapshot;
+use crate::metrics::{MetricsSnapshot, PeerBytes};
 use crate::peers::{PeerNet, WireStats};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -29,6 +36,15 @@ pub struct StatusReport {
     pub pending_count: usize,
     /// The oldest of them (at most 100).
     pub pending: Vec<PendingReport>,
+    /// What is under way on this node.
+    #[serde(default)]
+    pub in_flight: InFlightReport,
+    /// Conflict copies in the namespace.
+    #[serde(default)]
+    pub conflicts: ConflictsReport,
+    /// On the leader: milliseconds since a quorum last acknowledged it.
+    #[serde(default)]
+    pub millis_since_quorum_ack: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -40,14 +56,49 @@ pub struct PendingReport {
     pub error: String,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InFlightReport {
+    /// Commits applied but not yet on this node's disk (applied − watermark).
+    pub materialize_queue: u64,
+    /// Uploads through the API being received or committed.
+    pub uploads: u64,
+    /// Committed uploads whose temp file the materializer has yet to take.
+    pub uploads_to_place: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConflictsReport {
+    /// Live conflict copies in the namespace.
+    pub count: usize,
+    /// The first of them in path order (at most 100).
+    pub paths: Vec<String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MemberReport {
     pub id: u64,
     pub voter: bool,
+    /// `leader`, `follower` or `learner`, as this node sees the cluster.
+    #[serde(default)]
+    pub role: String,
     pub addr: String,
     pub peer_id: String,
     /// Last log index this member acknowledged (leader's view only).
     pub matched: Option<u64>,
+    /// When it last answered this node's Raft RPCs (leader's view only:
+    /// followers send none while a leader is up).
+    #[serde(default)]
+    pub contact: Option<ContactReport>,
+    /// Applied index, for this node only.
+    #[serde(default)]
+    pub applied: Option<u64>,
+    /// Materialized watermark, for this node only: a node learns no other
+    /// node's watermark.
+    #[serde(default)]
+    pub watermark: Option<u64>,
+    /// Chunk bytes exchanged with this node.
+    #[serde(default)]
+    pub traffic: PeerBytes,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -55,6 +106,9 @@ pub struct ClusterReport {
     pub leader: Option<u64>,
     pub term: u64,
     pub members: Vec<MemberReport>,
+    /// The node answering.
+    #[serde(default)]
+    pub node: u64,
 }
 
 pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
@@ -62,13 +116,15 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
     let (voters, learners, leader) = node.members();
     let view = node.reader.view();
     let pending = node.local.pending().unwrap_or_default();
+    let applied = view.applied_index();
+    let watermark = *node.watermark.borrow();
     StatusReport {
         node: node.id,
         role: format!("{:?}", m.state).to_lowercase(),
         leader,
         term: m.current_term,
-        applied: view.applied_index(),
-        watermark: *node.watermark.borrow(),
+        applied,
+        watermark,
         namespace_root: view.namespace_root().to_string(),
         entries: view.len(),
         folder: node.folder.display().to_string(),
@@ -89,32 +145,72 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
                 error: e.error,
             })
             .collect(),
+        in_flight: InFlightReport {
+            materialize_queue: applied.saturating_sub(watermark),
+            uploads: node.metrics.uploads_in_progress.load(Ordering::Relaxed),
+            uploads_to_place: node.uploads.lock().map_or(0, |u| u.len()),
+        },
+        conflicts: ConflictsReport::default(),
+        millis_since_quorum_ack: m.millis_since_quorum_ack,
     }
+}
+
+/// [`status`] with the conflict copies filled in from `conflicts`.
+pub fn status_with_conflicts<N: PeerNet>(
+    node: &SyncNode<N>,
+    conflicts: &ConflictTracker,
+) -> StatusReport {
+    let mut s = status(node);
+    s.conflicts = conflicts.report(node.reader.view());
+    s
 }
 
 pub fn cluster<N: PeerNet>(node: &SyncNode<N>) -> ClusterReport {
     let m = node.raft.metrics().borrow().clone();
     let membership = m.membership_config.membership();
     let matched = m.replication.clone().unwrap_or_default();
+    let leading = m.current_leader == Some(node.id);
+    let traffic = node.metrics.peer_traffic.snapshot();
+    let view = node.reader.view();
     let members = membership
         .nodes()
-        .map(|(id, info)| MemberReport {
-            id: *id,
-            voter: membership.voter_ids().any(|v| v == *id),
-            addr: info.addr.clone(),
-            peer_id: info.peer_id.clone(),
-            matched: matched.get(id).and_then(|l| l.map(|l| l.index)),
+        .map(|(id, info)| {
+            let voter = membership.voter_ids().any(|v| v == *id);
+            let this = *id == node.id;
+            MemberReport {
+                id: *id,
+                voter,
+                role: if m.current_leader == Some(*id) {
+                    "leader"
+                } else if voter {
+                    "follower"
+                } else {
+                    "learner"
+                }
+                .into(),
+                addr: info.addr.clone(),
+                peer_id: info.peer_id.clone(),
+                matched: matched.get(id).and_then(|l| l.map(|l| l.index)),
+                contact: (leading && !this)
+                    .then(|| node.metrics.contacts.of(*id))
+                    .flatten(),
+                applied: this.then(|| view.applied_index()),
+                watermark: this.then(|| *node.watermark.borrow()),
+                traffic: traffic.get(id).copied().unwrap_or_default(),
+            }
         })
         .collect();
     ClusterReport {
         leader: m.current_leader,
         term: m.current_term,
         members,
+        node: node.id,
     }
 }
 
-pub fn prometheus<N: PeerNet>(node: &SyncNode<N>) -> String {
-    let s = status(node);
+pub fn prometheus<N: PeerNet>(node: &SyncNode<N>, conflicts: &ConflictTracker) -> String {
+    let s = status_with_conflicts(node, conflicts);
+    let c = cluster(node);
     let mut out = node.metrics.prometheus(node.id);
     let id = node.id;
     let is_leader = u8::from(s.leader == Some(id));
@@ -132,5 +228,80 @@ pub fn prometheus<N: PeerNet>(node: &SyncNode<N>) -> String {
         s.term, s.applied, s.watermark, s.entries, s.wire.bytes_in, s.wire.bytes_out, s.wire.frames_rejected,
         s.pending_count, s.staging_bytes
     ));
+    // `write!` into a String cannot fail.
+    let _ = write!(
+        out,
+        "# TYPE synod_raft_leader gauge\nsynod_raft_leader{{node=\"{id}\"}} {}\n\
+         # TYPE synod_materialize_queue_depth gauge\nsynod_materialize_queue_depth{{node=\"{id}\"}} {}\n\
+         # TYPE synod_uploads_in_progress gauge\nsynod_uploads_in_progress{{node=\"{id}\"}} {}\n\
+         # TYPE synod_conflict_copies_present gauge\nsynod_conflict_copies_present{{node=\"{id}\"}} {}\n\
+         # TYPE synod_raft_role gauge\n",
+        s.leader.unwrap_or(0),
+        s.in_flight.materialize_queue,
+        s.in_flight.uploads,
+        s.conflicts.count,
+    );
+    for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
+        let on = u8::from(s.role == role);
+        let _ = writeln!(out, "synod_raft_role{{node=\"{id}\",role=\"{role}\"}} {on}");
+    }
+    let _ = writeln!(out, "# TYPE synod_peer_last_answer_seconds gauge");
+    for m in &c.members {
+        if let Some(ms) = m.contact.and_then(|c| c.millis_since_answer) {
+            let _ = writeln!(
+                out,
+                "synod_peer_last_answer_seconds{{node=\"{id}\",peer=\"{}\"}} {}",
+                m.id,
+                ms as f64 / 1000.0
+            );
+        }
+    }
     out
+}
+
+/// Most changes one status request reads from the change feed; a large
+/// backlog is caught up over several requests.
+const CHANGES_PER_REPORT: usize = 20_000;
+
+/// The live conflict copies of the namespace, kept up to date from the
+/// change feed so a status request reads only what changed since the last.
+#[derive(Debug, Default)]
+pub struct ConflictTracker {
+    state: Mutex<TrackerState>,
+}
+
+#[derive(Debug, Default)]
+struct TrackerState {
+    /// Every change up to this log index is reflected in `paths`.
+    seen_through: u64,
+    paths: BTreeSet<String>,
+}
+
+impl ConflictTracker {
+    pub fn report(&self, view: &StateView) -> ConflictsReport {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let applied = view.applied_index();
+        if applied > st.seen_through {
+            if let Ok(changes) = view.changes_since(st.seen_through, CHANGES_PER_REPORT) {
+                let complete = changes.len() < CHANGES_PER_REPORT;
+                let mut last = st.seen_through;
+                for ch in changes {
+                    last = last.max(ch.version);
+                    let p = ch.path.as_str();
+                    if crate::conflict::is_conflict_copy(p) {
+                        if ch.entry.is_live() {
+                            st.paths.insert(p.to_string());
+                        } else {
+                            st.paths.remove(p);
+                        }
+                    }
+                }
+                st.seen_through = if complete { last.max(applied) } else { last };
+            }
+        }
+        ConflictsReport {
+            count: st.paths.len(),
+            paths: st.paths.iter().take(100).cloned().collect(),
+        }
+    }
 }

@@ -100,6 +100,11 @@ async fn run<N: PeerNet>(node: &Arc<SyncNode<N>>, shared: &Shared) {
                 return Ok(None);
             }
             let m = synod_chunker::chunk_file(&abs, params).map_err(std::io::Error::other)?;
+            // Edited while we read it: the scanner's business, not rot.
+            let after = std::fs::symlink_metadata(&abs)?;
+            if after.len() != rec.size || fsutil::stamp(&after) != (rec.mtime_ns, rec.inode) {
+                return Ok(None);
+            }
             Ok(Some(m.root() == rec.root))
         })
         .await;
@@ -114,7 +119,10 @@ async fn run<N: PeerNet>(node: &Arc<SyncNode<N>>, shared: &Shared) {
                 }
             }
             Ok(Ok(None)) => update(&mut |r| r.skipped_edited += 1),
-            // Gone or unreadable: the scanner reports and handles it.
+            // Gone meanwhile: a delete the scanner handles.
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
+                update(&mut |r| r.skipped_edited += 1)
+            }
             Ok(Err(e)) => update(&mut |r| r.failed.push((path.clone(), e.to_string()))),
             Err(e) => update(&mut |r| r.failed.push((path.clone(), e.to_string()))),
         }

@@ -97,7 +97,7 @@ fn step(s: State, op: &RegOp) -> Option<State> {
             })
         }
         // Not register operations: the checker never passes them here.
-        OpKind::Rename | OpKind::Delete | OpKind::Start | OpKind::Stop => Some(s),
+        OpKind::Rename | OpKind::Delete | OpKind::Append | OpKind::Start | OpKind::Stop => Some(s),
     }
 }
 
@@ -361,6 +361,7 @@ pub fn describe(o: &Operation) -> String {
             o.version
         ),
         OpKind::Delete => format!("delete -> @{:?}", o.version),
+        OpKind::Append => format!("append {:?}", o.value),
         OpKind::Start | OpKind::Stop => format!("{:?}", o.kind),
     };
     format!(
@@ -413,6 +414,7 @@ mod tests {
             version,
             outcome,
             node: None,
+            base: None,
             invoke_ns: call,
             complete_ns: ret,
             error: None,

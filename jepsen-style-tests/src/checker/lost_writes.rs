@@ -177,6 +177,7 @@ mod tests {
             version: ver,
             outcome: out,
             node: None,
+            base: None,
             invoke_ns: t,
             complete_ns: Some(t + 1),
             error: None,
