@@ -231,18 +231,18 @@ pub async fn scan<N: PeerNet>(
     reported: &mut HashSet<String>,
 ) -> Result<ScanReport, NodeError> {
     let folder = node.folder.clone();
-    let (found, skipped) = tokio::task::spawn_blocking(move || walk(&folder))
+    let local = node.local.clone();
+    // The walk and the read of every record are bulk I/O: off the runtime.
+    let (walked, records) = tokio::task::spawn_blocking(move || (walk(&folder), local.files()))
         .await
-        .map_err(|e| NodeError::internal("scan task", e))?
-        .map_err(|e| NodeError::internal("scanning the folder", e))?;
+        .map_err(|e| NodeError::internal("scan task", e))?;
+    let (found, skipped) = walked.map_err(|e| NodeError::internal("scanning the folder", e))?;
     for (what, why) in skipped {
         if reported.insert(what.clone()) {
             warn!(path = %what, "not synced: {why}");
         }
     }
-    let records: BTreeMap<String, LocalFile> = node
-        .local
-        .files()
+    let records: BTreeMap<String, LocalFile> = records
         .map_err(|e| NodeError::internal("local records", e))?
         .into_iter()
         .collect();

@@ -74,17 +74,7 @@ impl TestCluster {
         let config = dir.path().join("cluster.toml");
         std::fs::write(&config, text).unwrap();
         for id in 1..=n {
-            let out = Command::new(env!("CARGO_BIN_EXE_synod"))
-                .arg("--config")
-                .arg(&config)
-                .args(["init", "--node", &id.to_string()])
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "init failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            init_node(&config, id);
         }
         let mut c = TestCluster {
             dir,
@@ -145,18 +135,7 @@ impl TestCluster {
         ));
         let config = self.dir.path().join(format!("cluster-{id}.toml"));
         std::fs::write(&config, text).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_synod"))
-            .arg("--config")
-            .arg(&config)
-            .args(["init", "--node", &id.to_string()])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "init failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let peer = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let peer = init_node(&config, id);
         self.apis.push(api);
         self.node_configs.push(config);
         self.children.push(None);
@@ -284,6 +263,22 @@ impl Drop for TestCluster {
             let _ = c.wait();
         }
     }
+}
+
+/// `synod init` of node `id`; returns the peer id it prints.
+fn init_node(config: &Path, id: usize) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_synod"))
+        .arg("--config")
+        .arg(config)
+        .args(["init", "--node", &id.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "init failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Deterministic pseudo-random bytes.
