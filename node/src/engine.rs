@@ -12,7 +12,7 @@ use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use synod_chunker::{ChunkParams, Manifest};
 use synod_consensus::{
     Answer, Command, Consistency, Entry, EntryKind, Expect, NodeId, NsPath, ProposeError, Proposer,
-    Reader, Request, Response, SynodRaft,
+    Reader, Request, RequestId, Response, SynodRaft,
 };
 use synod_merkle::Hash;
 use tokio::sync::watch;
@@ -354,8 +354,15 @@ impl<N: PeerNet> SyncNode<N> {
     /// Commits `cmd` through the leader, wherever it is, retrying with the
     /// same request id (so it applies at most once) until the write timeout.
     pub async fn propose(&self, cmd: Command) -> Result<Answer, NodeError> {
+        self.propose_as(self.proposer.next_request_id(), cmd).await
+    }
+
+    /// Proposes `cmd` under request id `rid`. `Unavailable` leaves the
+    /// outcome unknown: the command may still commit. Proposing it again
+    /// under the same `rid` settles that, since a request id applies once
+    /// and a retry gets the first answer.
+    pub async fn propose_as(&self, rid: RequestId, cmd: Command) -> Result<Answer, NodeError> {
         let _latency = self.metrics.commit_latency.timer();
-        let rid = self.proposer.next_request_id();
         let deadline = Instant::now() + self.write_timeout;
         let mut last_error = String::from("no leader elected");
         loop {

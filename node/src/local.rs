@@ -12,6 +12,7 @@ const FILES: &str = "local_files";
 const MANIFESTS: &str = "manifests";
 const META: &str = "local_meta";
 const PENDING: &str = "pending";
+const IN_DOUBT: &str = "in_doubt";
 const WATERMARK: &[u8] = b"watermark";
 
 /// A file as this node last wrote it into the folder.
@@ -52,6 +53,7 @@ pub struct LocalState {
     manifests: sled::Tree,
     meta: sled::Tree,
     pending: sled::Tree,
+    in_doubt: sled::Tree,
     index: ChunkIndex,
     flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
@@ -111,6 +113,7 @@ impl LocalState {
             manifests: db.open_tree(MANIFESTS)?,
             meta: db.open_tree(META)?,
             pending: db.open_tree(PENDING)?,
+            in_doubt: db.open_tree(IN_DOUBT)?,
             flushing: Default::default(),
             index: ChunkIndex::with_db(&db)?,
             db,
@@ -180,6 +183,29 @@ impl LocalState {
             out.push((path, e));
         }
         out.sort_by_key(|(_, e)| e.since_ms);
+        Ok(out)
+    }
+
+    /// Records a proposal whose outcome is unknown (no answer before the
+    /// deadline; it may still commit). Opaque to this store: the scanner
+    /// keeps what it needs to resolve it.
+    pub fn set_in_doubt(&self, path: &str, record: &[u8]) -> Result<(), LocalStateError> {
+        self.in_doubt.insert(path.as_bytes(), record)?;
+        Ok(())
+    }
+
+    pub fn clear_in_doubt(&self, path: &str) -> Result<(), LocalStateError> {
+        self.in_doubt.remove(path.as_bytes())?;
+        Ok(())
+    }
+
+    /// Proposals whose outcome is unknown, by path.
+    pub fn in_doubt(&self) -> Result<Vec<(String, Vec<u8>)>, LocalStateError> {
+        let mut out = Vec::new();
+        for kv in self.in_doubt.iter() {
+            let (k, v) = kv?;
+            out.push((String::from_utf8_lossy(&k).into_owned(), v.to_vec()));
+        }
         Ok(out)
     }
 

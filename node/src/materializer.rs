@@ -44,6 +44,12 @@ pub enum MaterializeError {
     },
     #[error("local state: {0}")]
     Local(String),
+    #[error("{path} version {version}: {source}")]
+    At {
+        path: String,
+        version: u64,
+        source: Box<MaterializeError>,
+    },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MaterializeError {
@@ -119,7 +125,13 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     let (live, dead): (Vec<Change>, Vec<Change>) =
         changes.into_iter().partition(|c| c.entry.is_live());
     for c in &live {
-        materialize_entry(node, &c.path, &c.entry).await?;
+        materialize_entry(node, &c.path, &c.entry)
+            .await
+            .map_err(|e| MaterializeError::At {
+                path: c.path.to_string(),
+                version: c.entry.version,
+                source: Box::new(e),
+            })?;
     }
     for c in &dead {
         remove_entry(node, &c.path, c.entry.version).await?;
@@ -180,6 +192,11 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
                     record(node, path, &updated, &m)?;
                 }
             }
+            return Ok(());
+        }
+        // This node holds this very version and the user has edited it
+        // since: an edit the scanner commits on top of it, not a conflict.
+        if l.version == entry.version && l.root == entry.root {
             return Ok(());
         }
     }

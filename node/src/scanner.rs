@@ -14,8 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::stream::{self, StreamExt};
 use notify::Watcher;
+use serde::{Deserialize, Serialize};
 use synod_chunker::Manifest;
-use synod_consensus::{Answer, Command, Entry, EntryKind, Expect, NsPath};
+use synod_consensus::{Answer, Command, Entry, EntryKind, Expect, NsPath, RequestId};
+use synod_merkle::Hash;
 use tokio::sync::{broadcast, Notify};
 use tracing::{debug, info, warn};
 
@@ -49,7 +51,7 @@ fn builtin_ignored(name: &str) -> bool {
 }
 
 /// One file as found on disk.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Found {
     path: NsPath,
     abs: PathBuf,
@@ -66,7 +68,7 @@ impl Found {
 }
 
 /// What a scan decided to commit.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 enum Op {
     /// New or edited content; `base` is the version it was edited from.
     Put {
@@ -93,6 +95,15 @@ impl Op {
         }
     }
 
+    /// Every path the op changes.
+    fn touches(&self) -> impl Iterator<Item = &str> {
+        let from = match self {
+            Op::Rename { from, .. } => Some(from.as_str()),
+            _ => None,
+        };
+        std::iter::once(self.path()).chain(from)
+    }
+
     fn pending(&self, error: String) -> PendingEdit {
         let (kind, base) = match self {
             Op::Put { base, .. } => ("put", *base),
@@ -108,6 +119,18 @@ impl Op {
             error,
         }
     }
+}
+
+/// A proposal that got no answer before its deadline: it may have
+/// committed, or may still. Until that is settled the disk cannot be
+/// compared with the records (a file edited after a rename that did commit
+/// is an edit of the renamed file, not a new file), so its paths wait.
+#[derive(Debug, Serialize, Deserialize)]
+struct InDoubt {
+    rid: RequestId,
+    cmd: Command,
+    op: Op,
+    root: Option<Hash>,
 }
 
 /// What one scan found, for logs and tests.
@@ -230,6 +253,7 @@ pub async fn scan<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     reported: &mut HashSet<String>,
 ) -> Result<ScanReport, NodeError> {
+    let doubtful = resolve_in_doubt(node).await?;
     let folder = node.folder.clone();
     let local = node.local.clone();
     // The walk and the read of every record are bulk I/O: off the runtime.
@@ -292,6 +316,10 @@ pub async fn scan<N: PeerNet>(
             base: l.version,
         });
     }
+    // Paths with a proposal in doubt wait until it is settled.
+    let before = ops.len();
+    ops.retain(|op| op.touches().all(|p| !doubtful.contains(p)));
+    report.pending += before - ops.len();
     if ops.is_empty() {
         return Ok(report);
     }
@@ -578,9 +606,16 @@ async fn commit<N: PeerNet>(
     // Whatever the materializer did while we prepared: only ops whose file
     // is still as found are committed.
     ready.retain(|p| still_as_found(node, &p.op));
-    let answers =
-        futures::future::join_all(ready.iter().map(|p| node.propose(command(node, p)))).await;
-    for (p, answer) in ready.into_iter().zip(answers) {
+    let sent: Vec<(RequestId, Command)> = ready
+        .iter()
+        .map(|p| (node.proposer.next_request_id(), command(node, p)))
+        .collect();
+    let answers = futures::future::join_all(
+        sent.iter()
+            .map(|(rid, cmd)| node.propose_as(*rid, cmd.clone())),
+    )
+    .await;
+    for ((p, answer), (rid, cmd)) in ready.into_iter().zip(answers).zip(sent) {
         match answer {
             Ok(Answer::Ok { version }) => {
                 settle_ok(node, &p, version)?;
@@ -599,6 +634,15 @@ async fn commit<N: PeerNet>(
                     .map_err(|e| NodeError::internal("pending journal", e))?;
             }
             Err(NodeError::Unavailable(why)) => {
+                let doubt = InDoubt {
+                    rid,
+                    cmd,
+                    root: p.manifest.as_ref().map(Manifest::root),
+                    op: p.op.clone(),
+                };
+                node.local
+                    .set_in_doubt(p.op.path(), &crate::local::encode(&doubt))
+                    .map_err(local_err)?;
                 journal(node, &p.op, why)?;
                 report.pending += 1;
                 no_quorum = true;
@@ -607,6 +651,63 @@ async fn commit<N: PeerNet>(
         }
     }
     Ok(no_quorum)
+}
+
+/// Settles the proposals earlier scans left in doubt by proposing each
+/// again under its request id: the answer is the first one if it
+/// committed, and a command that did not commit cannot commit later once
+/// its id has an answer. Returns the paths still in doubt.
+async fn resolve_in_doubt<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+) -> Result<HashSet<String>, NodeError> {
+    let mut left = HashSet::new();
+    let records = node.local.in_doubt().map_err(local_err)?;
+    if records.is_empty() {
+        return Ok(left);
+    }
+    let _folder = node.folder_lock.lock().await;
+    for (key, bytes) in records {
+        let doubt: InDoubt = match crate::local::decode(
+            &format!("in-doubt proposal of {key}"),
+            &bytes,
+        ) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!(path = %key, cause = %e, "unreadable in-doubt record dropped; the next scan compares the file afresh");
+                node.local.clear_in_doubt(&key).map_err(local_err)?;
+                continue;
+            }
+        };
+        match node.propose_as(doubt.rid, doubt.cmd.clone()).await {
+            Ok(Answer::Ok { version }) => {
+                let manifest = match doubt.root {
+                    Some(root) => node.local.manifest(&root).map_err(local_err)?,
+                    None => None,
+                };
+                let p = Prepared {
+                    op: doubt.op,
+                    manifest,
+                    holders: Vec::new(),
+                };
+                if p.manifest.is_some() || !matches!(p.op, Op::Put { .. }) {
+                    settle_ok(node, &p, version)?;
+                }
+                info!(path = %key, version, "an unanswered proposal had committed; recorded");
+            }
+            Ok(answer) => {
+                // Not committed, and now never will be: the disk decides.
+                debug!(path = %key, ?answer, "an unanswered proposal did not commit");
+                node.local.clear_pending(&key).map_err(local_err)?;
+            }
+            Err(e) => {
+                debug!(path = %key, cause = %e, "proposal still in doubt");
+                left.extend(doubt.op.touches().map(str::to_owned));
+                continue;
+            }
+        }
+        node.local.clear_in_doubt(&key).map_err(local_err)?;
+    }
+    Ok(left)
 }
 
 fn still_as_found<N: PeerNet>(node: &SyncNode<N>, op: &Op) -> bool {

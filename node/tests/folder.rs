@@ -209,6 +209,70 @@ fn an_edit_made_without_quorum_is_committed_when_the_others_return() {
     });
 }
 
+/// The leader renames a file while alone: the rename is appended to its log
+/// but gets no answer in time, and the user edits the renamed file. Whether
+/// the rename commits once the others return (still in the leader's log) or
+/// not (a new leader dropped it), the outcome is one rename and one edit:
+/// the new name with the new bytes everywhere, and no conflict copy.
+#[test]
+fn an_edit_after_an_unanswered_rename_is_an_edit_of_the_renamed_file() {
+    let mut c = cluster();
+    let v1 = random_bytes(40_000, 40);
+    std::fs::write(c.folder(1).join("d5"), &v1).unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "d5", &v1);
+    }
+    let l = c.leader();
+    let others: Vec<usize> = (1..=3).filter(|&i| i != l).collect();
+    for &id in &others {
+        c.kill_node(id);
+    }
+    let folder = c.folder(l);
+    std::fs::rename(folder.join("d5"), folder.join("d0")).unwrap();
+    c.must_retry("the rename to wait in the journal", || {
+        let s = c.client(l).get_json("/v1/status")?;
+        let listed = s["pending"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|e| e["path"] == "d0"));
+        if listed {
+            Ok(())
+        } else {
+            Err(io(format!("pending {}", s["pending"])))
+        }
+    });
+    // Edited in place: same inode, new bytes.
+    let v2 = random_bytes(47_000, 41);
+    std::fs::write(folder.join("d0"), &v2).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    for &id in &others {
+        c.start_node(id);
+    }
+    for id in 1..=3 {
+        c.must_see_file(id, "d0", &v2);
+        c.must_not_see_file(id, "d5");
+    }
+    c.must_retry("the journal to empty", || {
+        let s = c.client(l).get_json("/v1/status")?;
+        if s["pending_count"] == 0 {
+            Ok(())
+        } else {
+            Err(io(format!("pending {}", s["pending"])))
+        }
+    });
+    for id in 1..=3 {
+        assert_eq!(
+            conflict_copies(&c.folder(id), "", "d0"),
+            Vec::<String>::new(),
+            "node {id}"
+        );
+        assert_eq!(
+            std::fs::read(c.folder(id).join("d0")).unwrap(),
+            v2,
+            "node {id}"
+        );
+    }
+}
+
 #[test]
 fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
     let c = cluster();
