@@ -31,6 +31,9 @@ pub enum EventKind {
     Leader,
     /// Voters or learners changed.
     Membership,
+    /// Something committed was not written into the folder (e.g. a link
+    /// pointing outside it).
+    Refused,
 }
 
 /// One event.

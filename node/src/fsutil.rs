@@ -32,6 +32,32 @@ pub fn place(tmp: &Path, target: &Path) -> io::Result<()> {
     fsync_dir(parent)
 }
 
+/// Where a link target with manifest `m` is kept, relative to the folder.
+pub fn link_target_rel(m: &synod_chunker::Manifest) -> PathBuf {
+    Path::new(".synod").join("links").join(m.root().to_string())
+}
+
+/// Keeps `target` (a link's content) durably under `.synod/links/`, where
+/// the chunk index can serve it. Returns its absolute path.
+pub fn keep_link_target(
+    folder: &Path,
+    m: &synod_chunker::Manifest,
+    target: &[u8],
+) -> io::Result<PathBuf> {
+    let kept = folder.join(link_target_rel(m));
+    if std::fs::read(&kept).is_ok_and(|b| b == target) {
+        return Ok(kept);
+    }
+    let tmp = temp_path(folder, "link")?;
+    {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, target)?;
+        f.sync_all()?;
+    }
+    place(&tmp, &kept)?;
+    Ok(kept)
+}
+
 /// Removes leftover temp files of an earlier run.
 pub fn sweep_tmp(folder: &Path) -> io::Result<usize> {
     let dir = tmp_dir(folder);
@@ -49,9 +75,24 @@ pub fn sweep_tmp(folder: &Path) -> io::Result<usize> {
     Ok(removed)
 }
 
-/// (mtime in ns, inode) of a file, to notice edits behind our back.
+/// (mtime in ns, inode) of a file, to notice edits behind our back. A
+/// directory's mtime moves with every entry added or removed inside it, so
+/// only its inode counts.
 pub fn stamp(meta: &std::fs::Metadata) -> (i64, u64) {
+    if meta.is_dir() {
+        return (0, meta.ino());
+    }
     (meta.mtime() * 1_000_000_000 + meta.mtime_nsec(), meta.ino())
+}
+
+/// The size compared with local records: a file's length, a link's target
+/// length, zero for a directory.
+pub fn size_of(meta: &std::fs::Metadata) -> u64 {
+    if meta.is_dir() {
+        0
+    } else {
+        meta.len()
+    }
 }
 
 #[cfg(test)]

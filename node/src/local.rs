@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use synod_chunker::{ChunkIndex, Manifest};
+use synod_consensus::EntryKind;
 use synod_merkle::Hash;
 
 const FILES: &str = "local_files";
@@ -26,6 +27,8 @@ pub struct LocalFile {
     /// of either means someone edited the file behind our back.
     pub mtime_ns: i64,
     pub inode: u64,
+    /// A file, a directory, or a link (whose content is its target).
+    pub kind: EntryKind,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +141,12 @@ impl LocalState {
         file: &LocalFile,
         manifest: &Manifest,
     ) -> Result<(), LocalStateError> {
-        self.index.record_file(Path::new(path), manifest)?;
+        // Only a regular file holds its chunks: reading a link follows it.
+        if file.kind == EntryKind::File {
+            self.index.record_file(Path::new(path), manifest)?;
+        } else {
+            self.index.remove_file(Path::new(path))?;
+        }
         self.manifests
             .insert(manifest.root().as_bytes(), encode(manifest))?;
         self.files.insert(path.as_bytes(), encode(file))?;
@@ -278,6 +286,7 @@ mod tests {
             size: 100_000,
             mtime_ns: 1,
             inode: 2,
+            kind: EntryKind::File,
         };
         {
             let st = LocalState::open(dir.path()).unwrap();

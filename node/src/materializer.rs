@@ -133,6 +133,9 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
                 source: Box::new(e),
             })?;
     }
+    // Children before their parents: a directory goes once it is empty.
+    let mut dead = dead;
+    dead.sort_by(|a, b| b.path.cmp(&a.path));
     for c in &dead {
         remove_entry(node, &c.path, c.entry.version).await?;
     }
@@ -158,17 +161,6 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
     entry: &Entry,
 ) -> Result<(), MaterializeError> {
     let target = node.folder.join(path.as_str());
-    match entry.kind {
-        EntryKind::Directory => {
-            return std::fs::create_dir_all(&target)
-                .map_err(io_err(format!("creating {}", target.display())));
-        }
-        EntryKind::Symlink => {
-            warn!(path = %path, "symlinks are not materialized yet");
-            return Ok(());
-        }
-        EntryKind::File => {}
-    }
     let local = node
         .local
         .file(path.as_str())
@@ -201,6 +193,11 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         }
     }
     clear_ancestors(node, path)?;
+    match entry.kind {
+        EntryKind::Directory => return make_directory(node, path, entry, local.as_ref(), &target),
+        EntryKind::Symlink => return make_link(node, path, entry, local.as_ref(), &target).await,
+        EntryKind::File => {}
+    }
     preserve_local_edit(node, path, &target, local.as_ref(), Some(entry.root))?;
 
     // The uploader already holds the bytes in a temp file.
@@ -225,6 +222,11 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         }
         None => assemble(node, path, entry, local.as_ref()).await?,
     };
+    // Held across the replace: a write that lands between the check below
+    // and the rename still reaches this inode, and is rescued from it.
+    let old = std::fs::File::open(&target)
+        .ok()
+        .and_then(|f| f.metadata().ok().filter(|m| m.is_file()).map(|m| (f, m)));
     // The fetch took time: an edit made meanwhile is kept too.
     if let Err(e) = preserve_local_edit(node, path, &target, local.as_ref(), Some(entry.root)) {
         if !from_upload {
@@ -244,6 +246,9 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         let _ = std::fs::remove_file(&tmp);
     }
     placed.map_err(io_err(format!("placing {}", target.display())))?;
+    if let Some((f, checked)) = old {
+        rescue_late_write(node, path, f, &checked)?;
+    }
     let meta = std::fs::metadata(&target).map_err(io_err(format!("stat {}", target.display())))?;
     let (mtime_ns, inode) = fsutil::stamp(&meta);
     let file = LocalFile {
@@ -252,6 +257,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         size: entry.size,
         mtime_ns,
         inode,
+        kind: EntryKind::File,
     };
     record(node, path, &file, &manifest)?;
     for c in manifest.chunks() {
@@ -262,6 +268,156 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         .events
         .record(crate::events::EventKind::Materialized, path);
     debug!(path = %path, version = entry.version, "materialized");
+    Ok(())
+}
+
+/// The file just replaced at `path`, still open as `f`: if it changed after
+/// it was checked (`checked`), a write raced the replace. Its bytes are
+/// kept under a conflict name. A file the check moved aside is skipped:
+/// it is already kept.
+fn rescue_late_write<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &NsPath,
+    mut f: std::fs::File,
+    checked: &std::fs::Metadata,
+) -> Result<(), MaterializeError> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(now) = f.metadata() else {
+        return Ok(());
+    };
+    let unchanged = now.len() == checked.len() && fsutil::stamp(&now) == fsutil::stamp(checked);
+    // Moved aside by the check: it has a name again.
+    if unchanged || now.nlink() > 0 {
+        return Ok(());
+    }
+    let aside = crate::conflict::free_conflict_name(
+        &node.folder,
+        path.as_str(),
+        node.id,
+        crate::lab_hooks::now(),
+    );
+    let tmp = fsutil::temp_path(&node.folder, "rescue").map_err(io_err("creating temp file"))?;
+    let copied = (|| -> std::io::Result<()> {
+        use std::io::Seek;
+        f.seek(std::io::SeekFrom::Start(0))?;
+        let mut out = std::fs::File::create(&tmp)?;
+        std::io::copy(&mut f, &mut out)?;
+        out.sync_all()?;
+        fsutil::place(&tmp, &node.folder.join(&aside))
+    })();
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(MaterializeError::Io {
+            context: format!("keeping a write that raced the update of {path}"),
+            source: e,
+        });
+    }
+    warn!(path = %path, kept_as = %aside, "a local write raced the update; kept beside the committed one");
+    node.metrics
+        .events
+        .record(crate::events::EventKind::ConflictCopy, &aside);
+    Ok(())
+}
+
+/// A committed directory (empty ones are carried too).
+fn make_directory<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &NsPath,
+    entry: &Entry,
+    local: Option<&LocalFile>,
+    target: &std::path::Path,
+) -> Result<(), MaterializeError> {
+    if std::fs::symlink_metadata(target).is_ok_and(|m| !m.is_dir()) {
+        // A user's file or link there is kept aside; our own older one goes.
+        preserve_local_edit(node, path, target, local, None)?;
+        if std::fs::symlink_metadata(target).is_ok_and(|m| !m.is_dir()) {
+            std::fs::remove_file(target)
+                .map_err(io_err(format!("removing {}", target.display())))?;
+        }
+    }
+    std::fs::create_dir_all(target).map_err(io_err(format!("creating {}", target.display())))?;
+    if let Some(parent) = target.parent() {
+        fsutil::fsync_dir(parent).map_err(io_err("fsync after mkdir"))?;
+    }
+    let meta =
+        std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
+    let (mtime_ns, inode) = fsutil::stamp(&meta);
+    let file = LocalFile {
+        version: entry.version,
+        root: entry.root,
+        size: 0,
+        mtime_ns,
+        inode,
+        kind: EntryKind::Directory,
+    };
+    record(
+        node,
+        path,
+        &file,
+        &synod_chunker::chunk_slice(&[], node.params),
+    )?;
+    debug!(path = %path, version = entry.version, "directory materialized");
+    Ok(())
+}
+
+/// A committed link: its content is the target, fetched like a file's. A
+/// target that would lead outside the folder is refused and reported.
+async fn make_link<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+    entry: &Entry,
+    local: Option<&LocalFile>,
+    target: &std::path::Path,
+) -> Result<(), MaterializeError> {
+    use std::os::unix::ffi::OsStringExt;
+    let (tmp, manifest) = assemble(node, path, entry, local).await?;
+    let bytes = std::fs::read(&tmp).map_err(io_err(format!("reading {}", tmp.display())));
+    let _ = std::fs::remove_file(&tmp);
+    let bytes = bytes?;
+    let link_to = PathBuf::from(std::ffi::OsString::from_vec(bytes.clone()));
+    if bytes.is_empty() || bytes.contains(&0) || crate::scanner::escapes(path.as_str(), &link_to) {
+        warn!(path = %path, target = %link_to.display(), "committed link points outside the folder; not created");
+        node.metrics
+            .events
+            .record(crate::events::EventKind::Refused, path);
+        return Ok(());
+    }
+    preserve_local_edit(node, path, target, local, None)?;
+    if std::fs::symlink_metadata(target).is_ok_and(|m| m.is_dir()) {
+        std::fs::remove_dir(target).map_err(io_err(format!(
+            "replacing directory {} by a link",
+            target.display()
+        )))?;
+    }
+    let link_tmp = fsutil::temp_path(&node.folder, "link").map_err(io_err("creating temp link"))?;
+    std::os::unix::fs::symlink(&link_to, &link_tmp)
+        .map_err(io_err(format!("creating link {}", link_tmp.display())))?;
+    fsutil::place(&link_tmp, target).map_err(io_err(format!("placing {}", target.display())))?;
+    fsutil::keep_link_target(&node.folder, &manifest, &bytes)
+        .map_err(io_err("keeping the link target"))?;
+    node.local
+        .index()
+        .record_file(&fsutil::link_target_rel(&manifest), &manifest)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    let meta =
+        std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
+    let (mtime_ns, inode) = fsutil::stamp(&meta);
+    let file = LocalFile {
+        version: entry.version,
+        root: entry.root,
+        size: meta.len(),
+        mtime_ns,
+        inode,
+        kind: EntryKind::Symlink,
+    };
+    record(node, path, &file, &manifest)?;
+    for c in manifest.chunks() {
+        node.staging.remove(&c.id);
+    }
+    node.metrics
+        .events
+        .record(crate::events::EventKind::Materialized, path);
+    debug!(path = %path, version = entry.version, "link materialized");
     Ok(())
 }
 
@@ -290,8 +446,10 @@ fn record<N: PeerNet>(
 }
 
 fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
-    match std::fs::metadata(target) {
-        Ok(meta) => meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode),
+    match std::fs::symlink_metadata(target) {
+        Ok(meta) => {
+            fsutil::size_of(&meta) == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode)
+        }
         Err(_) => false,
     }
 }
@@ -338,8 +496,9 @@ fn preserve_local_edit<N: PeerNet>(
     let Ok(meta) = std::fs::symlink_metadata(target) else {
         return Ok(());
     };
-    if local.is_some_and(|l| meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode))
-    {
+    if local.is_some_and(|l| {
+        fsutil::size_of(&meta) == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode)
+    }) {
         return Ok(());
     }
     // A crash between placing a file and recording it leaves our own bytes
@@ -667,7 +826,7 @@ async fn remove_entry<N: PeerNet>(
         }
         Ok(meta) => {
             let ours = local.as_ref().is_some_and(|l| {
-                meta.len() == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode)
+                fsutil::size_of(&meta) == l.size && fsutil::stamp(&meta) == (l.mtime_ns, l.inode)
             });
             if ours {
                 std::fs::remove_file(&target)

@@ -59,11 +59,15 @@ struct Found {
     mtime_ns: i64,
     inode: u64,
     mode: u32,
+    kind: EntryKind,
 }
 
 impl Found {
     fn matches(&self, l: &LocalFile) -> bool {
-        self.size == l.size && self.mtime_ns == l.mtime_ns && self.inode == l.inode
+        self.kind == l.kind
+            && self.size == l.size
+            && self.mtime_ns == l.mtime_ns
+            && self.inode == l.inode
     }
 }
 
@@ -389,23 +393,25 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
         let Some(ft) = entry.file_type() else {
             continue;
         };
-        if ft.is_dir() {
-            continue;
-        }
-        if ft.is_symlink() {
-            let why = match std::fs::read_link(&abs) {
+        let kind = if ft.is_dir() {
+            EntryKind::Directory
+        } else if ft.is_symlink() {
+            match std::fs::read_link(&abs) {
                 Ok(t) if escapes(&rel, &t) => {
-                    format!("symbolic link to {} points outside the folder", t.display())
+                    let why = format!("symbolic link to {} points outside the folder", t.display());
+                    skipped.push((rel, why));
+                    continue;
                 }
-                _ => "symbolic links are not synced yet".into(),
-            };
-            skipped.push((rel, why));
-            continue;
-        }
-        if !ft.is_file() {
+                Ok(_) => EntryKind::Symlink,
+                // Gone since it was listed: the next scan sees the truth.
+                Err(_) => continue,
+            }
+        } else if ft.is_file() {
+            EntryKind::File
+        } else {
             skipped.push((rel, "not a regular file (device, socket or pipe)".into()));
             continue;
-        }
+        };
         let path = match NsPath::parse(&rel) {
             Ok(p) if p.as_str() == rel => p,
             Ok(p) => {
@@ -420,7 +426,7 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
                 continue;
             }
         };
-        let meta = match entry.metadata() {
+        let meta = match std::fs::symlink_metadata(&abs) {
             Ok(m) => m,
             // Gone since it was listed: the next scan sees the truth.
             Err(_) => continue,
@@ -429,10 +435,15 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
         found.push(Found {
             path,
             abs,
-            size: meta.len(),
+            size: fsutil::size_of(&meta),
             mtime_ns,
             inode,
-            mode: meta.permissions().mode() & 0o7777,
+            mode: if kind == EntryKind::Symlink {
+                0
+            } else {
+                meta.permissions().mode() & 0o7777
+            },
+            kind,
         });
     }
     Ok((found, skipped))
@@ -440,7 +451,7 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
 
 /// Whether link `target`, found at `rel` inside the folder, resolves
 /// lexically outside the folder.
-fn escapes(rel: &str, target: &Path) -> bool {
+pub(crate) fn escapes(rel: &str, target: &Path) -> bool {
     if target.is_absolute() {
         return true;
     }
@@ -505,14 +516,28 @@ async fn prepare<N: PeerNet>(
                     holders: Vec::new(),
                 });
             };
-            match chunk_stable(node, found).await {
-                Ok(Some(manifest)) => {
+            let content = match found.kind {
+                EntryKind::File => chunk_stable(node, found)
+                    .await
+                    .map(|m| m.map(|m| (m, found.abs.clone()))),
+                EntryKind::Symlink => link_content(node, found).await,
+                EntryKind::Directory => {
+                    // Nothing to carry but the name.
+                    return Outcome::Ready(Prepared {
+                        op,
+                        manifest: Some(synod_chunker::chunk_slice(&[], node.params)),
+                        holders: vec![node.id],
+                    });
+                }
+            };
+            match content {
+                Ok(Some((manifest, source))) => {
                     if let Err(e) = node.local.put_manifest(&manifest) {
                         return Outcome::Failed(op, NodeError::internal("storing a manifest", e));
                     }
                     let limit = node.content_timeout(manifest.size());
                     let replicated =
-                        tokio::time::timeout(limit, node.replicate(&manifest, &found.abs))
+                        tokio::time::timeout(limit, node.replicate(&manifest, &source))
                             .await
                             .unwrap_or_else(|_| {
                                 Err(NodeError::Unavailable(format!(
@@ -569,6 +594,38 @@ async fn chunk_stable<N: PeerNet>(
             e,
         )),
     }
+}
+
+/// A link's content is its target. The target is kept in a file under
+/// `.synod/links/`, named by its root, which is what pushes read and what
+/// the index serves to peers (reading the link itself would follow it).
+async fn link_content<N: PeerNet>(
+    node: &SyncNode<N>,
+    found: &Found,
+) -> Result<Option<(Manifest, PathBuf)>, NodeError> {
+    let f = found.clone();
+    let folder = node.folder.clone();
+    let params = node.params;
+    let local = node.local.clone();
+    tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Manifest, PathBuf)>> {
+        let target = std::fs::read_link(&f.abs)?;
+        let meta = std::fs::symlink_metadata(&f.abs)?;
+        let (mtime_ns, inode) = fsutil::stamp(&meta);
+        if meta.len() != f.size || mtime_ns != f.mtime_ns || inode != f.inode {
+            return Ok(None);
+        }
+        let bytes = target.as_os_str().as_encoded_bytes();
+        let m = synod_chunker::chunk_slice(bytes, params);
+        let kept = fsutil::keep_link_target(&folder, &m, bytes)?;
+        local
+            .index()
+            .record_file(&fsutil::link_target_rel(&m), &m)
+            .map_err(std::io::Error::other)?;
+        Ok(Some((m, kept)))
+    })
+    .await
+    .map_err(|e| NodeError::internal("link task", e))?
+    .map_err(|e| NodeError::internal(&format!("reading link {}", found.abs.display()), e))
 }
 
 fn journal<N: PeerNet>(node: &SyncNode<N>, op: &Op, error: String) -> Result<(), NodeError> {
@@ -714,7 +771,7 @@ fn still_as_found<N: PeerNet>(node: &SyncNode<N>, op: &Op) -> bool {
     let same = |f: &Found| {
         std::fs::symlink_metadata(&f.abs).is_ok_and(|m| {
             let (mtime_ns, inode) = fsutil::stamp(&m);
-            m.len() == f.size && mtime_ns == f.mtime_ns && inode == f.inode
+            fsutil::size_of(&m) == f.size && mtime_ns == f.mtime_ns && inode == f.inode
         })
     };
     match op {
@@ -726,7 +783,7 @@ fn still_as_found<N: PeerNet>(node: &SyncNode<N>, op: &Op) -> bool {
 
 fn entry_of<N: PeerNet>(node: &SyncNode<N>, f: &Found, m: &Manifest, holders: &[u64]) -> Entry {
     Entry {
-        kind: EntryKind::File,
+        kind: f.kind,
         size: m.size(),
         root: m.root(),
         mode: f.mode,
@@ -796,6 +853,7 @@ fn record<N: PeerNet>(
         size: f.size,
         mtime_ns: f.mtime_ns,
         inode: f.inode,
+        kind: f.kind,
     };
     node.local
         .record_file(f.path.as_str(), &file, m)
@@ -845,6 +903,11 @@ async fn lost_race<N: PeerNet>(
             return record(node, found, m, version);
         }
         // Changed again meanwhile: the next scan deals with it.
+        return Ok(());
+    }
+    // A directory is only a name: nothing to keep as a conflict copy.
+    if found.kind == EntryKind::Directory {
+        debug!(path = %found.path, "directory lost a race; the committed entry wins");
         return Ok(());
     }
     let aside = crate::conflict::free_conflict_name(

@@ -77,7 +77,11 @@ async fn run<N: PeerNet>(node: &Arc<SyncNode<N>>, shared: &Shared) {
         f(&mut r);
     };
     let records = match node.local.files() {
-        Ok(r) => r,
+        // Directories hold no bytes; a link's target is checked when read.
+        Ok(r) => r
+            .into_iter()
+            .filter(|(_, l)| l.kind == synod_consensus::EntryKind::File)
+            .collect::<Vec<_>>(),
         Err(e) => {
             update(&mut |r| {
                 r.failed

@@ -273,6 +273,89 @@ fn an_edit_after_an_unanswered_rename_is_an_edit_of_the_renamed_file() {
     }
 }
 
+/// Symbolic links (their target is their content) and empty directories
+/// travel like files: created, changed and deleted everywhere.
+#[test]
+fn links_and_empty_directories_are_carried() {
+    use std::os::unix::fs::symlink;
+    let c = cluster();
+    let f1 = c.folder(1);
+    std::fs::create_dir_all(f1.join("empty")).unwrap();
+    std::fs::create_dir_all(f1.join("nested/deeper")).unwrap();
+    std::fs::write(f1.join("target.txt"), b"pointed at").unwrap();
+    symlink("target.txt", f1.join("link")).unwrap();
+    symlink("nested", f1.join("dlink")).unwrap();
+    symlink("../target.txt", f1.join("nested/up")).unwrap();
+    let link_of =
+        |id: usize, name: &str| -> Result<std::path::PathBuf, synod_node::client::ClientError> {
+            let p = c.folder(id).join(name);
+            let meta =
+                std::fs::symlink_metadata(&p).map_err(|e| io(format!("{}: {e}", p.display())))?;
+            if !meta.file_type().is_symlink() {
+                return Err(io(format!("{} is not a link", p.display())));
+            }
+            std::fs::read_link(&p).map_err(|e| io(e.to_string()))
+        };
+    for id in [2, 3] {
+        c.must_see_file(id, "target.txt", b"pointed at");
+        c.must_retry(
+            &format!("node {id} to hold the links and directories"),
+            || {
+                for d in ["empty", "nested", "nested/deeper"] {
+                    if !c.folder(id).join(d).is_dir() {
+                        return Err(io(format!("{d} is not a directory")));
+                    }
+                }
+                for (name, to) in [
+                    ("link", "target.txt"),
+                    ("dlink", "nested"),
+                    ("nested/up", "../target.txt"),
+                ] {
+                    let got = link_of(id, name)?;
+                    if got != Path::new(to) {
+                        return Err(io(format!("{name} -> {}, want {to}", got.display())));
+                    }
+                }
+                Ok(())
+            },
+        );
+        // Reading through the link reaches the synced file.
+        assert_eq!(
+            std::fs::read(c.folder(id).join("link")).unwrap(),
+            b"pointed at"
+        );
+    }
+    // Retarget a link, drop an empty directory and a link.
+    std::fs::remove_file(f1.join("link")).unwrap();
+    symlink("nested/up", f1.join("link")).unwrap();
+    std::fs::remove_dir(f1.join("nested/deeper")).unwrap();
+    std::fs::remove_file(f1.join("dlink")).unwrap();
+    for id in [2, 3] {
+        c.must_retry(&format!("node {id} to follow the changes"), || {
+            let got = link_of(id, "link")?;
+            if got != Path::new("nested/up") {
+                return Err(io(format!("link -> {}", got.display())));
+            }
+            if c.folder(id).join("nested/deeper").exists() {
+                return Err(io("nested/deeper still there".into()));
+            }
+            if std::fs::symlink_metadata(c.folder(id).join("dlink")).is_ok() {
+                return Err(io("dlink still there".into()));
+            }
+            Ok(())
+        });
+        assert!(c.folder(id).join("empty").is_dir(), "node {id}");
+    }
+    // The namespace lists what each name is.
+    let listing = c
+        .client(2)
+        .get_json("/v1/files?prefix=")
+        .unwrap()
+        .to_string();
+    assert!(listing.contains("\"symlink\""), "{listing}");
+    assert!(listing.contains("\"directory\""), "{listing}");
+}
+
 #[test]
 fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
     let c = cluster();
@@ -293,7 +376,8 @@ fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
     c.must_retry("all files everywhere", || {
         for id in [2, 3] {
             let s = c.client(id).status()?;
-            if s["entries"].as_u64() != Some(n as u64) {
+            // Every file, plus `tree/` and its 50 directories.
+            if s["entries"].as_u64() != Some(n as u64 + 51) {
                 return Err(io(format!("node {id} has {} entries", s["entries"])));
             }
         }
