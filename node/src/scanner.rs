@@ -261,13 +261,16 @@ pub async fn scan<N: PeerNet>(
     let folder = node.folder.clone();
     let local = node.local.clone();
     // The walk and the read of every record are bulk I/O: off the runtime.
-    let (walked, records) = tokio::task::spawn_blocking(move || (walk(&folder), local.files()))
+    let (walked, records) = tokio::task::spawn_blocking(move || (walk_nfc(&folder), local.files()))
         .await
         .map_err(|e| NodeError::internal("scan task", e))?;
     let (found, skipped) = walked.map_err(|e| NodeError::internal("scanning the folder", e))?;
     for (what, why) in skipped {
         if reported.insert(what.clone()) {
             warn!(path = %what, "not synced: {why}");
+            node.metrics
+                .events
+                .record(crate::events::EventKind::Refused, &what);
         }
     }
     let records: BTreeMap<String, LocalFile> = records
@@ -363,8 +366,45 @@ pub async fn scan<N: PeerNet>(
 /// What was left out of a walk and why, reported once per path.
 type Skipped = Vec<(String, String)>;
 
-/// Walks the folder: regular files, minus ignores and what cannot be synced.
-fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
+/// Walks the folder after giving every name spelled in another Unicode
+/// normal form its NFC spelling on disk: NFC and NFD spellings of one name
+/// are one path. A name present in both spellings keeps both files; only
+/// the NFC one is synced and the other is reported.
+fn walk_nfc(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
+    let (found, skipped, respell) = walk(folder)?;
+    if respell.is_empty() {
+        return Ok((found, skipped));
+    }
+    let mut renamed = 0;
+    // Deepest first: a directory's children move with it afterwards.
+    let mut respell = respell;
+    respell.sort_by_key(|(from, _)| std::cmp::Reverse(from.components().count()));
+    for (from, to) in &respell {
+        if std::fs::symlink_metadata(to).is_ok() {
+            continue;
+        }
+        match std::fs::rename(from, to) {
+            Ok(()) => {
+                info!(from = %from.display(), to = %to.display(), "name respelled in NFC");
+                renamed += 1;
+            }
+            Err(e) => warn!(path = %from.display(), cause = %e, "could not respell a name in NFC"),
+        }
+    }
+    if renamed == 0 {
+        return Ok((found, skipped));
+    }
+    let (found, skipped, _) = walk(folder)?;
+    Ok((found, skipped))
+}
+
+/// Names to respell in NFC: (as on disk, as it should be).
+type Respell = Vec<(PathBuf, PathBuf)>;
+
+/// Walks the folder: files, directories and links, minus ignores and what
+/// cannot be synced.
+fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped, Respell)> {
+    let mut respell = Vec::new();
     let mut found = Vec::new();
     let mut skipped = Vec::new();
     let walker = ignore::WalkBuilder::new(folder)
@@ -415,10 +455,19 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
         let path = match NsPath::parse(&rel) {
             Ok(p) if p.as_str() == rel => p,
             Ok(p) => {
-                skipped.push((
-                    rel,
-                    format!("name is not in NFC form; its NFC spelling is {p}"),
-                ));
+                use unicode_normalization::UnicodeNormalization;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let nfc: String = name.nfc().collect();
+                if folder.join(p.as_str()).exists() {
+                    skipped.push((
+                        rel,
+                        format!(
+                            "the name exists in two Unicode spellings here; only {p} is synced"
+                        ),
+                    ));
+                } else if nfc != name {
+                    respell.push((abs.clone(), abs.with_file_name(nfc)));
+                }
                 continue;
             }
             Err(e) => {
@@ -446,7 +495,7 @@ fn walk(folder: &Path) -> std::io::Result<(Vec<Found>, Skipped)> {
             kind,
         });
     }
-    Ok((found, skipped))
+    Ok((found, skipped, respell))
 }
 
 /// Whether link `target`, found at `rel` inside the folder, resolves

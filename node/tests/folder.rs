@@ -356,6 +356,51 @@ fn links_and_empty_directories_are_carried() {
     assert!(listing.contains("\"directory\""), "{listing}");
 }
 
+/// NFC and NFD spellings of one name are one path: a name written in NFD
+/// is respelled in NFC and synced under it; a name present in both
+/// spellings on one node is reported and neither file is lost.
+#[test]
+fn unicode_spellings_of_one_name_are_one_path() {
+    let c = cluster();
+    let nfd = "cafe\u{301}.txt";
+    let nfc = "caf\u{e9}.txt";
+    std::fs::write(c.folder(1).join(nfd), b"decomposed").unwrap();
+    for id in [2, 3] {
+        c.must_see_file(id, nfc, b"decomposed");
+    }
+    c.must_retry("node 1 to respell the name", || {
+        if c.folder(1).join(nfc).exists() && !c.folder(1).join(nfd).exists() {
+            Ok(())
+        } else {
+            Err(io("still spelled in NFD".into()))
+        }
+    });
+    for id in 1..=3 {
+        assert!(!c.folder(id).join(nfd).exists(), "node {id}");
+    }
+    // Both spellings at once on node 2.
+    std::fs::write(c.folder(2).join("n\u{303}o"), b"nfd twin").unwrap();
+    std::fs::write(c.folder(2).join("\u{f1}o"), b"nfc twin").unwrap();
+    for id in [1, 3] {
+        c.must_see_file(id, "\u{f1}o", b"nfc twin");
+    }
+    c.must_retry("the two spellings to be reported", || {
+        if c.log(2).contains("two Unicode spellings") {
+            Ok(())
+        } else {
+            Err(io("not reported".into()))
+        }
+    });
+    assert_eq!(
+        std::fs::read(c.folder(2).join("n\u{303}o")).unwrap(),
+        b"nfd twin"
+    );
+    assert_eq!(
+        std::fs::read(c.folder(2).join("\u{f1}o")).unwrap(),
+        b"nfc twin"
+    );
+}
+
 #[test]
 fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
     let c = cluster();
