@@ -169,6 +169,7 @@ pub async fn run<N: PeerNet>(
     loop {
         let started = std::time::Instant::now();
         let result = scan(&node, &mut reported).await;
+        node.metrics.scan_progress.first_scan_done();
         node.metrics.scan_last_ms.store(
             started.elapsed().as_millis() as u64,
             std::sync::atomic::Ordering::Relaxed,
@@ -320,6 +321,13 @@ pub async fn scan<N: PeerNet>(
     let before = ops.len();
     ops.retain(|op| op.touches().all(|p| !doubtful.contains(p)));
     report.pending += before - ops.len();
+    node.metrics.scan_progress.planned(
+        found.len(),
+        ops.iter().filter_map(|op| match op {
+            Op::Put { found, .. } => Some(found.size),
+            _ => None,
+        }),
+    );
     if ops.is_empty() {
         return Ok(report);
     }
@@ -505,7 +513,9 @@ async fn prepare<N: PeerNet>(
                     holders: Vec::new(),
                 });
             };
-            match chunk_stable(node, found).await {
+            let chunked = chunk_stable(node, found).await;
+            node.metrics.scan_progress.hashed(found.size);
+            match chunked {
                 Ok(Some(manifest)) => {
                     if let Err(e) = node.local.put_manifest(&manifest) {
                         return Outcome::Failed(op, NodeError::internal("storing a manifest", e));
