@@ -564,7 +564,16 @@ async fn chunk_stable<N: PeerNet>(
     let params = node.params;
     let f = found.clone();
     let manifest = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Manifest>> {
-        let m = synod_chunker::chunk_file(&f.abs, params).map_err(std::io::Error::other)?;
+        let m = match synod_chunker::chunk_file(&f.abs, params) {
+            Ok(m) => m,
+            // Still there but changed while read: still being written.
+            Err(synod_chunker::ChunkFileError::ChangedWhileReading { .. })
+                if std::fs::symlink_metadata(&f.abs).is_ok() =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(std::io::Error::other(e)),
+        };
         let meta = std::fs::symlink_metadata(&f.abs)?;
         let (mtime_ns, inode) = fsutil::stamp(&meta);
         Ok((meta.len() == f.size && mtime_ns == f.mtime_ns && inode == f.inode).then_some(m))
@@ -574,6 +583,13 @@ async fn chunk_stable<N: PeerNet>(
     match manifest {
         Ok(m) => Ok(m),
         // Vanished or unreadable mid-way: reported, retried next scan.
+        Err(e) if std::fs::symlink_metadata(&found.abs).is_err() => Err(NodeError::internal(
+            &format!(
+                "{} vanished while it was read; nothing committed",
+                found.path
+            ),
+            e,
+        )),
         Err(e) => Err(NodeError::internal(
             &format!("reading {}", found.abs.display()),
             e,
@@ -609,7 +625,11 @@ async fn commit<N: PeerNet>(
                 report.unsettled += 1;
             }
             Outcome::Failed(op, e) => {
-                warn!(path = op.path(), cause = %e, "local change not committed")
+                warn!(path = op.path(), cause = %e, "local change not committed");
+                let what = format!("{}: {e}", op.path());
+                node.metrics
+                    .events
+                    .record(crate::events::EventKind::NotCommitted, what);
             }
         }
     }

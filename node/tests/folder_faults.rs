@@ -151,3 +151,110 @@ fn a_full_disk_is_reported_loses_nothing_and_heals() {
     assert!(grow.success());
     c.must_see_file(2, "big.bin", &big);
 }
+
+/// Whether process `pid` holds `path` open (its descriptors, as
+/// `/proc/<pid>/fd` shows them).
+fn holds_open(pid: u32, path: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|e| e.ok())
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+        })
+        .unwrap_or(false)
+}
+
+/// A sparse file of `len` bytes (no disk used, but every byte must be read
+/// and hashed: chunking it takes a while) with an mtime old enough that the
+/// scanner takes it at once.
+fn sparse_settled_file(path: &std::path::Path, len: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60))
+        .unwrap();
+}
+
+/// Waits (bounded) until node `id` has `path` open: the scanner is reading
+/// it. Deterministic: the file is big enough that chunking it lasts far
+/// longer than one look at `/proc`.
+fn wait_until_chunking(c: &TestCluster, id: usize, path: &std::path::Path) {
+    let pid = c.pid(id).unwrap();
+    let deadline = std::time::Instant::now() + common::SETTLE;
+    while !holds_open(pid, path) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {id} never opened {}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+fn events(c: &TestCluster, id: usize) -> serde_json::Value {
+    c.client(id).get_json("/v1/events").unwrap()["events"].clone()
+}
+
+#[test]
+fn a_file_that_vanishes_or_shrinks_while_it_is_chunked_is_never_committed_half_read() {
+    let c = cluster();
+    const BIG: u64 = 4 << 30;
+    // Deleted while the scanner reads it.
+    let doomed = c.folder(1).join("doomed.bin");
+    sparse_settled_file(&doomed, BIG);
+    wait_until_chunking(&c, 1, &doomed);
+    std::fs::remove_file(&doomed).unwrap();
+    std::fs::write(c.folder(1).join("bystander.txt"), b"still synced").unwrap();
+    c.must_retry("the vanished file to be reported", || {
+        let log = c.log(1);
+        let reported = log
+            .lines()
+            .any(|l| l.contains("doomed.bin") && l.contains("vanished while it was read"));
+        let evented = events(&c, 1).as_array().unwrap().iter().any(|e| {
+            e["kind"] == "not_committed"
+                && e["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("doomed.bin: ") && s.contains("vanished"))
+        });
+        if reported && evented {
+            Ok(())
+        } else {
+            Err(io(format!("log {reported}, event {evented}")))
+        }
+    });
+    for id in 2..=3 {
+        c.must_see_file(id, "bystander.txt", b"still synced");
+    }
+
+    // Truncated while the scanner reads it: only what the file finally
+    // holds is committed, never the bytes read before it shrank.
+    let shrunk = c.folder(1).join("shrunk.bin");
+    sparse_settled_file(&shrunk, BIG);
+    wait_until_chunking(&c, 1, &shrunk);
+    std::fs::write(&shrunk, b"small at last").unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "shrunk.bin", b"small at last");
+    }
+
+    // The daemon kept running and kept scanning; the vanished file exists
+    // nowhere and the shrunk one only in its final form.
+    std::fs::write(c.folder(1).join("after.txt"), b"later edit").unwrap();
+    for id in 2..=3 {
+        c.must_see_file(id, "after.txt", b"later edit");
+    }
+    for id in 1..=3 {
+        let listed = c.client(id).list("").unwrap();
+        let names: Vec<(&str, u64)> = listed["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["path"].as_str().unwrap(), e["size"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [("after.txt", 10), ("bystander.txt", 12), ("shrunk.bin", 13)],
+            "node {id}"
+        );
+        assert!(!c.folder(id).join("doomed.bin").exists(), "node {id}");
+    }
+    let committed = c.metrics(1)["writes_committed"].as_u64().unwrap();
+    assert_eq!(committed, 3, "one commit per surviving file");
+}
