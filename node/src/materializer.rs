@@ -109,13 +109,16 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     }
     // One log entry can hold many commands (group commit): never split one
     // version across two steps, or the watermark would skip its tail.
-    if changes.len() == FEED_BATCH {
+    // A full batch ends where it ends, even after dropping its tail
+    // version: past it lie changes not read yet.
+    let full = changes.len() == FEED_BATCH;
+    if full {
         let last = changes[changes.len() - 1].version;
         if changes[0].version != last {
             changes.retain(|c| c.version != last);
         }
     }
-    let through = if changes.len() < FEED_BATCH {
+    let through = if !full {
         applied.max(changes[changes.len() - 1].version)
     } else {
         changes[changes.len() - 1].version

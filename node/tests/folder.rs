@@ -277,7 +277,7 @@ fn an_edit_after_an_unanswered_rename_is_an_edit_of_the_renamed_file() {
 fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
     let c = cluster();
     let f1 = c.folder(1);
-    let n = 2_000;
+    let n = 10_000;
     for i in 0..n {
         let dir = f1.join(format!("tree/d{:02}", i % 50));
         std::fs::create_dir_all(&dir).unwrap();
