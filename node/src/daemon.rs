@@ -667,13 +667,19 @@ async fn follow_membership(
 
 /// Runs node `id` until SIGINT or SIGTERM.
 pub async fn run_until_signal(cfg: ClusterConfig, id: NodeId) -> Result<()> {
-    let daemon = Daemon::start(cfg, id).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
+    Daemon::start(cfg, id).await?.run_until_signal().await
+}
+
+impl Daemon {
+    /// Serves until SIGINT or SIGTERM, then shuts down.
+    pub async fn run_until_signal(self) -> Result<()> {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        info!("stopping");
+        self.shutdown().await
     }
-    info!("stopping");
-    daemon.shutdown().await
 }

@@ -25,6 +25,9 @@ pub enum EventKind {
     ConflictCopy,
     /// An edit of a file deleted elsewhere was kept.
     EditKept,
+    /// A local change could not be committed (e.g. the file vanished while
+    /// it was read); the next scan looks again.
+    NotCommitted,
     /// This node's Raft role changed.
     Role,
     /// The cluster has a new leader, or none.

@@ -16,6 +16,8 @@
 //! - `events`, `contact`: recent events and each peer's last Raft answer,
 //!   for the status page.
 //! - `client`, `up`, `bench`, `logging`: the CLI's side.
+//! - `progress`: scan counters the daemon publishes, and the progress bars
+//!   the CLI draws on a terminal.
 //! - `conflict`: names of conflict copies.
 //! - `lab_hooks`: test-only fault hooks for synod-lab (feature `lab-hooks`;
 //!   inert stubs without it).
@@ -37,6 +39,7 @@ pub mod logging;
 pub mod materializer;
 pub mod metrics;
 pub mod peers;
+pub mod progress;
 pub mod scanner;
 pub mod staging;
 pub mod status;

@@ -260,7 +260,14 @@ fn run(cli: Cli) -> Result<()> {
             folder,
             data_dir,
         } => {
-            synod_node::logging::init(matches!(cli.log_format, LogFormat::Json));
+            // On a terminal, the first scan of the folder is a bar; log
+            // lines are written around it.
+            let bars =
+                synod_node::progress::stderr_is_terminal().then(indicatif::MultiProgress::new);
+            synod_node::logging::init_with_bars(
+                matches!(cli.log_format, LogFormat::Json),
+                bars.clone(),
+            );
             let mut cfg = ClusterConfig::load(&cli.config)?;
             let n = cfg
                 .nodes
@@ -273,7 +280,13 @@ fn run(cli: Cli) -> Result<()> {
                 n.data_dir = d;
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            rt.block_on(synod_node::daemon::run_until_signal(cfg, node))
+            rt.block_on(async move {
+                let daemon = synod_node::daemon::Daemon::start(cfg, node).await?;
+                if let Some(mp) = bars {
+                    synod_node::progress::spawn_initial_scan_bar(mp, daemon.node.metrics.clone());
+                }
+                daemon.run_until_signal().await
+            })
         }
         Cmd::Up => {
             synod_node::logging::init(matches!(cli.log_format, LogFormat::Json));
@@ -371,9 +384,7 @@ fn run(cli: Cli) -> Result<()> {
             if_version,
             target,
         } => {
-            let r = target
-                .client(&cli.config)?
-                .put_file(&local, &path, if_version)
+            let r = put_with_progress(&target.client(&cli.config)?, &local, &path, if_version)
                 .with_context(|| format!("uploading {} as {path}", local.display()))?;
             println!("{path}: version {}", r["version"]);
             Ok(())
@@ -393,6 +404,27 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// Uploads `local`; on a terminal, a bar of the bytes sent, then a
+/// "committing" spinner until the node answers.
+fn put_with_progress(
+    client: &Client,
+    local: &std::path::Path,
+    path: &str,
+    if_version: Option<u64>,
+) -> Result<serde_json::Value> {
+    let file =
+        std::fs::File::open(local).with_context(|| format!("opening {}", local.display()))?;
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    let bar = synod_node::progress::UploadBar::new(len, synod_node::progress::stderr_is_terminal());
+    let counted = {
+        let bar = bar.clone();
+        synod_node::progress::CountingReader::new(file, move |total, end| bar.on_read(total, end))
+    };
+    let answer = client.put(path, counted, if_version);
+    bar.finish();
+    Ok(answer?)
 }
 
 /// Starts a verification on the node and follows it to the end.

@@ -21,8 +21,10 @@ use crate::local::LocalFile;
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, PeerNet};
 
-/// Changes read from the feed at once.
-const FEED_BATCH: usize = 1024;
+/// Changes read from the feed at once. Larger than the most commands one
+/// log entry can hold (the proposer's `max_batch`), so the changes of one
+/// version always fit in one read.
+const FEED_BATCH: usize = 4096;
 
 /// Why one entry could not be materialized (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -109,13 +111,16 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     }
     // One log entry can hold many commands (group commit): never split one
     // version across two steps, or the watermark would skip its tail.
-    if changes.len() == FEED_BATCH {
+    // A full batch ends where it ends, even after dropping its tail
+    // version: past it lie changes not read yet.
+    let full = changes.len() == FEED_BATCH;
+    if full {
         let last = changes[changes.len() - 1].version;
         if changes[0].version != last {
             changes.retain(|c| c.version != last);
         }
     }
-    let through = if changes.len() < FEED_BATCH {
+    let through = if !full {
         applied.max(changes[changes.len() - 1].version)
     } else {
         changes[changes.len() - 1].version

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::contact::Contacts;
 use crate::events::Events;
+use crate::progress::ScanProgress;
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
@@ -29,6 +30,8 @@ macro_rules! counters {
             pub contacts: Contacts,
             /// Recent notable events.
             pub events: Events,
+            /// How far the scan under way is, for the initial scan's bar.
+            pub scan_progress: ScanProgress,
         }
 
         /// A point-in-time copy of the counters of [`Metrics`].

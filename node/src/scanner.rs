@@ -173,6 +173,7 @@ pub async fn run<N: PeerNet>(
     loop {
         let started = std::time::Instant::now();
         let result = scan(&node, &mut reported).await;
+        node.metrics.scan_progress.first_scan_done();
         node.metrics.scan_last_ms.store(
             started.elapsed().as_millis() as u64,
             std::sync::atomic::Ordering::Relaxed,
@@ -327,6 +328,13 @@ pub async fn scan<N: PeerNet>(
     let before = ops.len();
     ops.retain(|op| op.touches().all(|p| !doubtful.contains(p)));
     report.pending += before - ops.len();
+    node.metrics.scan_progress.planned(
+        found.len(),
+        ops.iter().filter_map(|op| match op {
+            Op::Put { found, .. } => Some(found.size),
+            _ => None,
+        }),
+    );
     if ops.is_empty() {
         return Ok(report);
     }
@@ -579,6 +587,7 @@ async fn prepare<N: PeerNet>(
                     });
                 }
             };
+            node.metrics.scan_progress.hashed(found.size);
             match content {
                 Ok(Some((manifest, source))) => {
                     if let Err(e) = node.local.put_manifest(&manifest) {
@@ -628,7 +637,16 @@ async fn chunk_stable<N: PeerNet>(
     let params = node.params;
     let f = found.clone();
     let manifest = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Manifest>> {
-        let m = synod_chunker::chunk_file(&f.abs, params).map_err(std::io::Error::other)?;
+        let m = match synod_chunker::chunk_file(&f.abs, params) {
+            Ok(m) => m,
+            // Still there but changed while read: still being written.
+            Err(synod_chunker::ChunkFileError::ChangedWhileReading { .. })
+                if std::fs::symlink_metadata(&f.abs).is_ok() =>
+            {
+                return Ok(None)
+            }
+            Err(e) => return Err(std::io::Error::other(e)),
+        };
         let meta = std::fs::symlink_metadata(&f.abs)?;
         let (mtime_ns, inode) = fsutil::stamp(&meta);
         Ok((meta.len() == f.size && mtime_ns == f.mtime_ns && inode == f.inode).then_some(m))
@@ -638,6 +656,13 @@ async fn chunk_stable<N: PeerNet>(
     match manifest {
         Ok(m) => Ok(m),
         // Vanished or unreadable mid-way: reported, retried next scan.
+        Err(e) if std::fs::symlink_metadata(&found.abs).is_err() => Err(NodeError::internal(
+            &format!(
+                "{} vanished while it was read; nothing committed",
+                found.path
+            ),
+            e,
+        )),
         Err(e) => Err(NodeError::internal(
             &format!("reading {}", found.abs.display()),
             e,
@@ -705,7 +730,11 @@ async fn commit<N: PeerNet>(
                 report.unsettled += 1;
             }
             Outcome::Failed(op, e) => {
-                warn!(path = op.path(), cause = %e, "local change not committed")
+                warn!(path = op.path(), cause = %e, "local change not committed");
+                let what = format!("{}: {e}", op.path());
+                node.metrics
+                    .events
+                    .record(crate::events::EventKind::NotCommitted, what);
             }
         }
     }

@@ -12,6 +12,7 @@ use crate::contact::ContactReport;
 use crate::engine::SyncNode;
 use crate::metrics::{MetricsSnapshot, PeerBytes};
 use crate::peers::{PeerNet, WireStats};
+use crate::progress::ScanProgressReport;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusReport {
@@ -45,6 +46,9 @@ pub struct StatusReport {
     /// On the leader: milliseconds since a quorum last acknowledged it.
     #[serde(default)]
     pub millis_since_quorum_ack: Option<u64>,
+    /// The scan under way; `first_done` once the initial scan finished.
+    #[serde(default)]
+    pub scan: ScanProgressReport,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +156,7 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
         },
         conflicts: ConflictsReport::default(),
         millis_since_quorum_ack: m.millis_since_quorum_ack,
+        scan: node.metrics.scan_progress.report(),
     }
 }
 

@@ -405,7 +405,7 @@ fn unicode_spellings_of_one_name_are_one_path() {
 fn a_tree_of_files_syncs_and_an_unchanged_rescan_rehashes_nothing() {
     let c = cluster();
     let f1 = c.folder(1);
-    let n = 2_000;
+    let n = 10_000;
     for i in 0..n {
         let dir = f1.join(format!("tree/d{:02}", i % 50));
         std::fs::create_dir_all(&dir).unwrap();

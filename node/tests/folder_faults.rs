@@ -5,6 +5,8 @@ mod common;
 
 use std::process::Command;
 
+use futures::future::BoxFuture;
+
 use common::{io, random_bytes, TestCluster};
 
 fn cluster() -> TestCluster {
@@ -150,4 +152,348 @@ fn a_full_disk_is_reported_loses_nothing_and_heals() {
         .unwrap();
     assert!(grow.success());
     c.must_see_file(2, "big.bin", &big);
+}
+
+/// Whether process `pid` holds `path` open (its descriptors, as
+/// `/proc/<pid>/fd` shows them).
+fn holds_open(pid: u32, path: &std::path::Path) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|fds| {
+            fds.filter_map(|e| e.ok())
+                .any(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == path))
+        })
+        .unwrap_or(false)
+}
+
+/// A sparse file of `len` bytes (no disk used, but every byte must be read
+/// and hashed: chunking it takes a while) with an mtime old enough that the
+/// scanner takes it at once.
+fn sparse_settled_file(path: &std::path::Path, len: u64) {
+    let f = std::fs::File::create(path).unwrap();
+    f.set_len(len).unwrap();
+    f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(60))
+        .unwrap();
+}
+
+/// Waits (bounded) until node `id` has `path` open: the scanner is reading
+/// it. Deterministic: the file is big enough that chunking it lasts far
+/// longer than one look at `/proc`.
+fn wait_until_chunking(c: &TestCluster, id: usize, path: &std::path::Path) {
+    let pid = c.pid(id).unwrap();
+    let deadline = std::time::Instant::now() + common::SETTLE;
+    while !holds_open(pid, path) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node {id} never opened {}",
+            path.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+fn events(c: &TestCluster, id: usize) -> serde_json::Value {
+    c.client(id).get_json("/v1/events").unwrap()["events"].clone()
+}
+
+#[test]
+fn a_file_that_vanishes_or_shrinks_while_it_is_chunked_is_never_committed_half_read() {
+    let c = cluster();
+    const BIG: u64 = 4 << 30;
+    // Deleted while the scanner reads it.
+    let doomed = c.folder(1).join("doomed.bin");
+    sparse_settled_file(&doomed, BIG);
+    wait_until_chunking(&c, 1, &doomed);
+    std::fs::remove_file(&doomed).unwrap();
+    std::fs::write(c.folder(1).join("bystander.txt"), b"still synced").unwrap();
+    c.must_retry("the vanished file to be reported", || {
+        let log = c.log(1);
+        let reported = log
+            .lines()
+            .any(|l| l.contains("doomed.bin") && l.contains("vanished while it was read"));
+        let evented = events(&c, 1).as_array().unwrap().iter().any(|e| {
+            e["kind"] == "not_committed"
+                && e["subject"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("doomed.bin: ") && s.contains("vanished"))
+        });
+        if reported && evented {
+            Ok(())
+        } else {
+            Err(io(format!("log {reported}, event {evented}")))
+        }
+    });
+    for id in 2..=3 {
+        c.must_see_file(id, "bystander.txt", b"still synced");
+    }
+
+    // Truncated while the scanner reads it: only what the file finally
+    // holds is committed, never the bytes read before it shrank.
+    let shrunk = c.folder(1).join("shrunk.bin");
+    sparse_settled_file(&shrunk, BIG);
+    wait_until_chunking(&c, 1, &shrunk);
+    std::fs::write(&shrunk, b"small at last").unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "shrunk.bin", b"small at last");
+    }
+
+    // The daemon kept running and kept scanning; the vanished file exists
+    // nowhere and the shrunk one only in its final form.
+    std::fs::write(c.folder(1).join("after.txt"), b"later edit").unwrap();
+    for id in 2..=3 {
+        c.must_see_file(id, "after.txt", b"later edit");
+    }
+    for id in 1..=3 {
+        let listed = c.client(id).list("").unwrap();
+        let names: Vec<(&str, u64)> = listed["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["path"].as_str().unwrap(), e["size"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(
+            names,
+            [("after.txt", 10), ("bystander.txt", 12), ("shrunk.bin", 13)],
+            "node {id}"
+        );
+        assert!(!c.folder(id).join("doomed.bin").exists(), "node {id}");
+    }
+    let committed = c.metrics(1)["writes_committed"].as_u64().unwrap();
+    assert_eq!(committed, 3, "one commit per surviving file");
+}
+
+/// Serves nothing: the impostor below only sends.
+struct NoServices;
+
+impl synod_transport::Services for NoServices {
+    fn tree_top(
+        &self,
+        _: synod_transport::PeerId,
+        _: synod_merkle::Hash,
+    ) -> BoxFuture<'_, Result<Option<(u64, synod_merkle::Hash)>, synod_transport::ServiceError>>
+    {
+        Box::pin(async { Ok(None) })
+    }
+    fn tree_nodes(
+        &self,
+        _: synod_transport::PeerId,
+        _: synod_merkle::Hash,
+        _: usize,
+        _: std::ops::Range<u64>,
+    ) -> BoxFuture<'_, Result<Option<Vec<synod_merkle::Hash>>, synod_transport::ServiceError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn read_chunks(
+        &self,
+        _: synod_transport::PeerId,
+        ids: Vec<synod_merkle::Hash>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, synod_transport::ServiceError>> {
+        Box::pin(async move { Ok(vec![None; ids.len()]) })
+    }
+    fn store_chunks(
+        &self,
+        _: synod_transport::PeerId,
+        _: Vec<synod_transport::ChunkData>,
+    ) -> BoxFuture<'_, Result<(), synod_transport::ServiceError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn store_manifest(
+        &self,
+        _: synod_transport::PeerId,
+        _: Vec<u8>,
+    ) -> BoxFuture<'_, Result<(), synod_transport::ServiceError>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn missing_chunks(
+        &self,
+        _: synod_transport::PeerId,
+        ids: Vec<synod_merkle::Hash>,
+    ) -> BoxFuture<'_, Result<Vec<synod_merkle::Hash>, synod_transport::ServiceError>> {
+        Box::pin(async move { Ok(ids) })
+    }
+    fn forward_write(
+        &self,
+        _: synod_transport::PeerId,
+        _: synod_consensus::Request,
+    ) -> BoxFuture<'_, synod_transport::ForwardResponse> {
+        Box::pin(async { synod_transport::ForwardResponse::Failed("impostor".into()) })
+    }
+    fn read_index(
+        &self,
+        _: synod_transport::PeerId,
+    ) -> BoxFuture<'_, synod_transport::ForwardResponse> {
+        Box::pin(async { synod_transport::ForwardResponse::Failed("impostor".into()) })
+    }
+}
+
+/// A member sends the leader, over the real transport and its codec,
+/// commands whose paths escape the folder. The leader commits them to the
+/// Raft log (they reach every follower in AppendEntries), and every state
+/// machine refuses them on apply: rejected with the path named, nothing
+/// changed, nothing written outside any folder, every daemon still running.
+#[test]
+fn path_traversal_names_in_commands_from_a_peer_are_rejected_everywhere() {
+    use synod_consensus::{Answer, Command, Entry, Expect, Request, RequestId};
+
+    let mut c = cluster();
+    std::fs::write(c.folder(1).join("ok.txt"), b"untouched").unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "ok.txt", b"untouched");
+    }
+    let leader = c.leader();
+    let impostor = (1..=3).find(|&i| i != leader).unwrap();
+    let cluster_view = c.client(leader).get_json("/v1/cluster").unwrap();
+    let leader_info = cluster_view["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["id"] == leader as u64)
+        .unwrap();
+    let leader_info: synod_consensus::NodeInfo = synod_consensus::NodeInfo {
+        addr: leader_info["addr"].as_str().unwrap().to_owned(),
+        peer_id: leader_info["peer_id"].as_str().unwrap().to_owned(),
+    };
+    let (leader_peer, leader_addr) = synod_transport::peer_of(&leader_info).unwrap();
+    let before: Vec<serde_json::Value> = (1..=3).map(|id| c.client(id).status().unwrap()).collect();
+
+    // A member gone bad: node `impostor`'s own key, so the leader lets it in.
+    c.kill_node(impostor);
+    let key = synod_transport::identity::load_identity(
+        &c.data_dir(impostor)
+            .join(synod_transport::identity::KEY_FILE),
+    )
+    .unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let absolute = outside.path().join("escaped.txt");
+    let absolute = absolute.to_str().unwrap().to_owned();
+    let bad_paths = [
+        "../../etc/x".to_string(),
+        "docs/../../../x".to_string(),
+        absolute.clone(),
+        ".synod/state/x".to_string(),
+    ];
+    let entry = Entry::file(9, synod_merkle::Hash::of(b"malicious"), impostor as u64);
+    let mut commands: Vec<Command> = bad_paths
+        .iter()
+        .map(|p| Command::Put {
+            path: p.clone(),
+            entry: entry.clone(),
+            expect: Expect::Any,
+        })
+        .collect();
+    commands.push(Command::Rename {
+        from: "ok.txt".into(),
+        to: "../ok.txt".into(),
+        expect_from: Expect::Any,
+        expect_to: Expect::Any,
+    });
+    let request = Request {
+        commands: commands
+            .into_iter()
+            .enumerate()
+            .map(|(i, cmd)| {
+                (
+                    RequestId {
+                        client: 0xbad,
+                        serial: i as u64 + 1,
+                    },
+                    cmd,
+                )
+            })
+            .collect(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let answer = rt.block_on(async {
+        let config = synod_transport::TransportConfig {
+            listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap()],
+            ..synod_transport::TransportConfig::default()
+        };
+        let (handle, _task) =
+            synod_transport::start_transport(key, config, std::sync::Arc::new(NoServices))
+                .await
+                .unwrap();
+        handle.set_allowed_peers([leader_peer]).await.unwrap();
+        handle
+            .add_peer_address(leader_peer, leader_addr)
+            .await
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + common::SETTLE;
+        loop {
+            match handle.forward_write(leader_peer, request.clone()).await {
+                Ok(a) => break a,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("forward failed, retrying: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                Err(e) => panic!("the leader never answered: {e}"),
+            }
+        }
+    });
+    let synod_transport::ForwardResponse::Done(response) = answer else {
+        panic!("not applied: {answer:?}");
+    };
+    let named: Vec<String> = bad_paths
+        .iter()
+        .cloned()
+        .chain(["../ok.txt".to_string()])
+        .collect();
+    assert_eq!(response.answers.len(), named.len());
+    for (a, path) in response.answers.iter().zip(&named) {
+        match a {
+            Answer::Rejected { reason } => assert!(
+                reason.contains(&format!("{path:?}")),
+                "{path}: the reason does not name the path: {reason}"
+            ),
+            other => panic!("{path}: accepted: {other:?}"),
+        }
+    }
+    drop(rt);
+
+    // The rejected commands are in the log: every follower applied (and
+    // refused) them too, including the impostor's node once it is back.
+    c.start_node(impostor);
+    let leader_applied = c.client(leader).status().unwrap()["applied"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        leader_applied > before[leader - 1]["applied"].as_u64().unwrap(),
+        "the commands never reached the log"
+    );
+    c.must_retry("every node to apply the rejected commands", || {
+        for id in 1..=3 {
+            let s = c.client(id).status()?;
+            if s["applied"].as_u64() < Some(leader_applied) {
+                return Err(io(format!("node {id} applied {}", s["applied"])));
+            }
+        }
+        Ok(())
+    });
+    for id in 1..=3 {
+        let s = c.client(id).status().unwrap();
+        assert_eq!(
+            s["namespace_root"],
+            before[id - 1]["namespace_root"],
+            "node {id}: the namespace changed"
+        );
+        assert_eq!(s["entries"], 1, "node {id}");
+        let f = c.folder(id);
+        assert_eq!(std::fs::read(f.join("ok.txt")).unwrap(), b"untouched");
+        // `../../etc/x` from the folder, `../ok.txt` beside it.
+        let node_dir = f.parent().unwrap();
+        assert!(!node_dir.join("ok.txt").exists(), "node {id}");
+        assert!(
+            !node_dir.parent().unwrap().join("etc/x").exists(),
+            "node {id}"
+        );
+        assert!(!f.join(".synod/state/x").exists(), "node {id}");
+    }
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        0,
+        "something was written at the absolute path"
+    );
+    // Everyone still serves and syncs.
+    std::fs::write(c.folder(impostor).join("after.txt"), b"fine").unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "after.txt", b"fine");
+    }
 }

@@ -161,6 +161,16 @@ impl TestCluster {
         }
     }
 
+    /// The process id of node `id`, if it runs.
+    pub fn pid(&self, id: usize) -> Option<u32> {
+        self.children[id - 1].as_ref().map(Child::id)
+    }
+
+    /// The data directory of node `id`.
+    pub fn data_dir(&self, id: usize) -> PathBuf {
+        self.dir.path().join(format!("node{id}/state"))
+    }
+
     pub fn client(&self, id: usize) -> Client {
         Client::new(&self.apis[id - 1])
     }
