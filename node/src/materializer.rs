@@ -229,8 +229,11 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
     };
     // Held across the replace: a write that lands between the check below
     // and the rename still reaches this inode, and is rescued from it.
-    let old = std::fs::File::open(&target)
+    // (Regular files only: opening a pipe would block.)
+    let old = std::fs::symlink_metadata(&target)
         .ok()
+        .filter(|m| m.is_file())
+        .and_then(|_| std::fs::File::open(&target).ok())
         .and_then(|f| f.metadata().ok().filter(|m| m.is_file()).map(|m| (f, m)));
     // The fetch took time: an edit made meanwhile is kept too.
     if let Err(e) = preserve_local_edit(node, path, &target, local.as_ref(), Some(entry.root)) {
