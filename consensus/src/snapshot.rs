@@ -552,14 +552,11 @@ fn set_current(st: &NodeStorage, meta: &SnapshotMeta) -> Result<(), SnapshotErro
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    st.sm_db.flush().map_err(|source| SnapshotError::Sled {
-        path: path.clone(),
-        source,
-    })?;
-    st.db.flush().map_err(|source| SnapshotError::Sled {
-        path: path.clone(),
-        source,
-    })?;
+    st.flush_all_blocking()
+        .map_err(|source| SnapshotError::Sled {
+            path: path.clone(),
+            source,
+        })?;
     if let Ok(rd) = std::fs::read_dir(st.snapshot_dir()) {
         for e in rd.filter_map(Result::ok) {
             let p = e.path();
