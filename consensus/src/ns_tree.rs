@@ -353,6 +353,18 @@ mod tests {
         }
     }
 
+    /// A sled tree in a temporary directory (kept alive by the returned guard).
+    fn must_temp_tree() -> (tempfile::TempDir, sled::Tree) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = sled::Config::new()
+            .path(dir.path())
+            .temporary(true)
+            .open()
+            .expect("sled");
+        let sm = db.open_tree("sm").expect("tree");
+        (dir, sm)
+    }
+
     fn sorted(mut v: Vec<Leaf>) -> Vec<Leaf> {
         v.sort_by_key(|l| l.key);
         v
@@ -377,13 +389,7 @@ mod tests {
 
     #[test]
     fn incremental_root_follows_writes() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .temporary(true)
-            .open()
-            .expect("sled");
-        let sm = db.open_tree("sm").expect("tree");
+        let (_dir, sm) = must_temp_tree();
         let mut mem = NamespaceTree::new();
         let mut live = NsTree::default();
         for round in 0..4u64 {
@@ -405,13 +411,7 @@ mod tests {
 
     #[test]
     fn corrupt_leaf_is_an_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let db = sled::Config::new()
-            .path(dir.path())
-            .temporary(true)
-            .open()
-            .expect("sled");
-        let sm = db.open_tree("sm").expect("tree");
+        let (_dir, sm) = must_temp_tree();
         sm.insert(leaf_key(&namespace_key("a")), &b"short"[..])
             .expect("insert");
         assert!(matches!(

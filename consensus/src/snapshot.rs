@@ -511,10 +511,7 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
         dedups: n_dedup,
     })?;
     w.finish()?;
-    std::fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    rename_durably(&tmp, &path)?;
     // The state this snapshot covers must be durable before the log behind it is purged.
     set_current(st, &meta)?;
     Ok(meta)
@@ -542,6 +539,18 @@ fn root_at(st: &NodeStorage, at: u64) -> Result<Hash, NsTreeError> {
         }
     });
     ns_tree::root_of(leaves)
+}
+
+/// Renames a finished (fsynced) snapshot file into place and fsyncs the
+/// directory, so the name survives a crash before `set_current` records it.
+fn rename_durably(tmp: &Path, path: &Path) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::rename(tmp, path).map_err(io)?;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
 /// Records `meta` as the current snapshot, flushes, and deletes older files.
@@ -649,10 +658,7 @@ pub(crate) async fn install(
                 reason: format!("header says {got}, leader sent {meta2}"),
             });
         }
-        std::fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        rename_durably(&tmp, &path)?;
         shared2
             .st
             .sm
