@@ -9,6 +9,7 @@
 //! - [`path`]: `NsPath`, a path that cannot hold an invalid value.
 //! - [`command`]: commands, preconditions, answers (the Raft `AppData`).
 //! - `apply`: executing one command against the namespace (pure logic).
+//! - `ns_tree`: the namespace Merkle root, leaves in sled, top levels in memory.
 //! - [`codec`]: size-limited bincode encoding.
 //! - [`storage`]: `NodeStorage`, the node's sled database and directory.
 //! - [`log_store`]: `LogStore`, openraft's `RaftLogStorage`.
@@ -28,6 +29,7 @@ pub mod codec;
 pub mod command;
 pub mod log_store;
 pub mod node;
+mod ns_tree;
 pub mod path;
 pub mod proposer;
 pub mod reads;
@@ -43,6 +45,7 @@ pub use apply::expect_holds;
 pub use command::{Answer, Command, Expect, Request, Response};
 pub use log_store::LogStore;
 pub use node::{open_stores, open_stores_with, raft_config};
+pub use ns_tree::NsTreeError;
 pub use path::{NsPath, PathError};
 pub use proposer::{ProposeError, Proposer, ProposerConfig};
 pub use reads::{Change, Consistency, ReadError, Reader, StateView};

@@ -89,13 +89,25 @@ impl StateView {
         self.list_prefix("", usize::MAX)
     }
 
-    /// The namespace Merkle root over all applied entries.
-    pub fn namespace_root(&self) -> Hash {
+    /// The namespace Merkle root over all applied entries. Rehashes the
+    /// buckets changed since the last call from sled (see `ns_tree`).
+    pub fn try_namespace_root(&self) -> Result<Hash, StorageError> {
         self.shared
             .tree
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .root()
+            .root(&self.shared.st.sm)
+            .map_err(read_err)
+    }
+
+    /// [`StateView::try_namespace_root`] for callers that cannot handle a
+    /// storage failure: a node whose namespace storage fails to read is
+    /// crash-stop (it logs and aborts rather than report a wrong root).
+    pub fn namespace_root(&self) -> Hash {
+        self.try_namespace_root().unwrap_or_else(|e| {
+            tracing::error!(cause = %e, "namespace storage failed; aborting");
+            std::process::abort()
+        })
     }
 
     /// Number of entries (tombstones included).
@@ -104,7 +116,7 @@ impl StateView {
             .tree
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .len()
+            .len() as usize
     }
 
     /// True if the namespace has no entry.
@@ -243,7 +255,7 @@ impl Reader {
     /// The namespace root.
     pub async fn namespace_root(&self, c: Consistency) -> Result<Hash, ReadError> {
         self.settle(c).await?;
-        Ok(self.view.namespace_root())
+        self.view.try_namespace_root().map_err(ReadError::Storage)
     }
 
     /// The local view.

@@ -7,10 +7,16 @@
 //! the metadata openraft gave) before the state machine is touched.
 //!
 //! sled has no point-in-time read view, so a build captures the small state
-//! (last applied, membership, settings, root, remembered answers) under the
-//! apply gate and then streams the namespace without it: while it runs, apply
-//! saves the pre-image of each path it changes (`Building`), and the builder
-//! uses the pre-image for any entry newer than the captured index.
+//! (last applied, membership, settings, remembered answers) under the apply
+//! gate and then streams without it: while it runs, apply saves the
+//! pre-image of each path it changes (`Building`), and the builder uses the
+//! pre-image for any entry or Merkle leaf newer than the captured index. The
+//! header's namespace root is computed that way from the leaves (one pass in
+//! key order, see `ns_tree`), then the entries stream out in path order.
+//!
+//! Memory does not grow with the number of entries: a build and an install
+//! hold one frame ([`FRAME_ITEMS`]), one Merkle bucket and the trie's top
+//! levels (≈ 2.8 MiB); an install writes sled in batches of [`LOAD_BATCH`].
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -24,6 +30,7 @@ use tokio::io::AsyncSeekExt;
 
 use crate::codec;
 use crate::command::Answer;
+use crate::ns_tree::{self, leaf_key, leaf_value, NsTreeError};
 use crate::state_machine::{
     answers_key, change_key, entry_key, load_mem, preimage_key, AnswerRecord, Building, SmMem,
     SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_ENTRY, P_PREIMAGE,
@@ -97,6 +104,15 @@ pub enum SnapshotError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// The namespace Merkle leaves could not be read.
+    #[error("snapshot {path}: namespace Merkle leaves")]
+    Merkle {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: NsTreeError,
     },
     /// sled failed while loading.
     #[error("snapshot {path}: storage failed while loading")]
@@ -323,12 +339,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let cap = {
             let mut mem = self.shared.gate.lock().await;
             let at = mem.last_applied.map_or(0, |l| l.index);
-            let root = self
-                .shared
-                .tree
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .root();
             // The remembered answers at `at`: these stored records, which
             // stay in sled until the build ends (see `Building`).
             let dedup = mem.dedup.records.front().map(|(k, _)| *k);
@@ -338,7 +348,6 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 last_applied: mem.last_applied,
                 membership: mem.membership.clone(),
                 settings: mem.settings,
-                root,
                 dedup,
             }
         };
@@ -380,7 +389,6 @@ struct Capture {
     last_applied: Option<crate::types::LogId>,
     membership: crate::types::StoredMembership,
     settings: Option<ClusterSettings>,
-    root: Hash,
     /// Key of the oldest remembered answer record (`None`: none remembered).
     dedup: Option<[u8; 13]>,
 }
@@ -418,7 +426,10 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
     };
     let path = file_for(st, &id);
     let tmp = path.with_extension("tmp");
-    let root = cap.root;
+    let root = root_at(st, cap.at).map_err(|source| SnapshotError::Merkle {
+        path: path.clone(),
+        source,
+    })?;
     let mut w = FrameWriter::create(tmp.clone())?;
     w.frame(&Frame::Header {
         meta: meta.clone(),
@@ -500,13 +511,46 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
         dedups: n_dedup,
     })?;
     w.finish()?;
-    std::fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    rename_durably(&tmp, &path)?;
     // The state this snapshot covers must be durable before the log behind it is purged.
     set_current(st, &meta)?;
     Ok(meta)
+}
+
+/// The namespace root at log index `at`, while apply goes on: one streaming
+/// pass over the Merkle leaves in key order, taking the pre-image (saved by
+/// apply in the same batch as the change) of any leaf written after `at`.
+fn root_at(st: &NodeStorage, at: u64) -> Result<Hash, NsTreeError> {
+    let leaves = ns_tree::leaves(&st.sm).filter_map(|leaf| {
+        let mut leaf = match leaf {
+            Ok(l) if l.version <= at => return Some(Ok(l)),
+            Ok(l) => l,
+            Err(e) => return Some(Err(e)),
+        };
+        match st.sm.get(preimage_key(&leaf.path)) {
+            // Created after `at`.
+            Ok(Some(pre)) if pre.is_empty() => None,
+            Ok(Some(pre)) => {
+                leaf.entry = Hash::of(&pre);
+                Some(Ok(leaf))
+            }
+            Ok(None) => Some(Err(NsTreeError::NoPreimage { path: leaf.path })),
+            Err(e) => Some(Err(e.into())),
+        }
+    });
+    ns_tree::root_of(leaves)
+}
+
+/// Renames a finished (fsynced) snapshot file into place and fsyncs the
+/// directory, so the name survives a crash before `set_current` records it.
+fn rename_durably(tmp: &Path, path: &Path) -> Result<(), SnapshotError> {
+    let io = |source| SnapshotError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    std::fs::rename(tmp, path).map_err(io)?;
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io)
 }
 
 /// Records `meta` as the current snapshot, flushes, and deletes older files.
@@ -517,14 +561,11 @@ fn set_current(st: &NodeStorage, meta: &SnapshotMeta) -> Result<(), SnapshotErro
             path: path.clone(),
             reason: e.to_string(),
         })?;
-    st.sm_db.flush().map_err(|source| SnapshotError::Sled {
-        path: path.clone(),
-        source,
-    })?;
-    st.db.flush().map_err(|source| SnapshotError::Sled {
-        path: path.clone(),
-        source,
-    })?;
+    st.flush_all_blocking()
+        .map_err(|source| SnapshotError::Sled {
+            path: path.clone(),
+            source,
+        })?;
     if let Ok(rd) = std::fs::read_dir(st.snapshot_dir()) {
         for e in rd.filter_map(Result::ok) {
             let p = e.path();
@@ -617,10 +658,7 @@ pub(crate) async fn install(
                 reason: format!("header says {got}, leader sent {meta2}"),
             });
         }
-        std::fs::rename(&tmp, &path).map_err(|source| SnapshotError::Io {
-            path: path.clone(),
-            source,
-        })?;
+        rename_durably(&tmp, &path)?;
         shared2
             .st
             .sm
@@ -684,7 +722,13 @@ pub(crate) fn load(
             Frame::Entries(v) => v.chunks(LOAD_BATCH).try_for_each(|part| {
                 let mut batch = sled::Batch::default();
                 for (p, e) in part {
-                    batch.insert(entry_key(p), codec::encode(e));
+                    let bytes = codec::encode(e);
+                    let (key, _) = ns_tree::bucket_of_path(p);
+                    batch.insert(
+                        &leaf_key(&key)[..],
+                        leaf_value(e.version, &Hash::of(&bytes), p),
+                    );
+                    batch.insert(entry_key(p), bytes);
                     batch.insert(change_key(e.version, p), &[][..]);
                 }
                 st.sm.apply_batch(batch)
@@ -720,7 +764,15 @@ pub(crate) fn load(
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let got = shared.tree.lock().unwrap_or_else(|p| p.into_inner()).root();
+    let got = shared
+        .tree
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .root(&st.sm)
+        .map_err(|source| SnapshotError::Merkle {
+            path: path.clone(),
+            source,
+        })?;
     if got != root {
         return Err(SnapshotError::Malformed {
             path: path.clone(),

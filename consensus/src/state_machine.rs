@@ -9,12 +9,14 @@
 //! | `e` path | bincode(`Entry`) |
 //! | `c` BE(version) path | empty (change feed) |
 //! | `p` path | pre-image during a snapshot build: bincode(`Entry`), empty = absent |
+//! | `k` namespace key | leaf of the namespace Merkle trie: BE version, entry hash, path (see `ns_tree`) |
 //! | `r` BE(index) BE(seq) | bincode(`Vec<(RequestId, index, Answer)>`): the answers of one log entry (exactly-once) |
 //! | `m/…` | last applied, membership, settings, install marker |
 //!
-//! The namespace Merkle tree and the index of remembered answers are kept in
-//! memory, updated per applied log entry, and rebuilt from sled on open and
-//! after a snapshot install. Answers are stored one record per log entry
+//! The index of remembered answers is kept in memory (bounded by
+//! [`DEDUP_CAPACITY`]); of the namespace Merkle trie only the top levels are
+//! (`ns_tree`), its leaves are in sled. Both are rebuilt from sled on open
+//! and after a snapshot install. Answers are stored one record per log entry
 //! rather than one key per command: sled writes dominate apply cost.
 
 use std::collections::{HashMap, VecDeque};
@@ -22,12 +24,13 @@ use std::sync::Arc;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftLogId, StorageIOError};
-use synod_merkle::{Hash, NamespaceTree};
+use synod_merkle::Hash;
 use tokio::sync::watch;
 
 use crate::apply::{execute, NamespaceView};
 use crate::codec;
 use crate::command::{Answer, Response};
+use crate::ns_tree::{bucket_of_path, leaf_key, leaf_value, NsTree};
 use crate::snapshot::{self, SnapshotBuilder};
 use crate::storage::{NodeStorage, OpenError};
 use crate::types::{
@@ -152,7 +155,10 @@ pub(crate) struct SmShared {
     pub gate: Arc<tokio::sync::Mutex<SmMem>>,
     /// One snapshot build or install at a time (a build reads sled without the gate).
     pub snapshot_lock: tokio::sync::Mutex<()>,
-    pub tree: std::sync::Mutex<NamespaceTree>,
+    /// The namespace root (top of the trie; leaves in sled). Apply holds it
+    /// from writing a log entry's batch until its buckets are marked, so a
+    /// root is always that of a whole number of applied entries.
+    pub tree: std::sync::Mutex<NsTree>,
     pub applied_tx: watch::Sender<u64>,
 }
 
@@ -178,7 +184,7 @@ impl StateMachineStore {
             st: st.clone(),
             gate: Arc::new(tokio::sync::Mutex::new(SmMem::default())),
             snapshot_lock: tokio::sync::Mutex::new(()),
-            tree: std::sync::Mutex::new(NamespaceTree::new()),
+            tree: std::sync::Mutex::new(NsTree::default()),
             applied_tx: watch::channel(0).0,
         });
         let mut mem = SmMem::default();
@@ -252,15 +258,42 @@ pub(crate) fn load_mem(shared: &SmShared, mem: &mut SmMem) -> Result<(), Storage
         }
         sm.apply_batch(b).map_err(read_err)?;
     }
-    let mut tree = NamespaceTree::new();
+    ensure_leaf_index(sm)?;
+    let tree = NsTree::rebuild(sm).map_err(read_err)?;
+    *shared.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
+    Ok(())
+}
+
+/// Writes the Merkle leaves of a store created before they were kept in
+/// sled (entries but no leaves), in bounded batches.
+fn ensure_leaf_index(sm: &sled::Tree) -> Result<(), StorageError> {
+    let has_leaves = sm
+        .scan_prefix([crate::ns_tree::P_LEAF])
+        .next()
+        .transpose()
+        .map_err(read_err)?
+        .is_some();
+    if has_leaves {
+        return Ok(());
+    }
+    let mut batch = sled::Batch::default();
+    let mut n = 0;
     for kv in sm.scan_prefix([P_ENTRY]) {
         let (k, v) = kv.map_err(read_err)?;
         let path = std::str::from_utf8(&k[1..]).map_err(read_err)?;
         let e: Entry = codec::decode("namespace entry", &v).map_err(read_err)?;
-        tree.insert(path, e.tree_hash());
+        let (key, _) = bucket_of_path(path);
+        batch.insert(
+            &leaf_key(&key)[..],
+            leaf_value(e.version, &e.tree_hash(), path),
+        );
+        n += 1;
+        if n % 64 == 0 {
+            sm.apply_batch(std::mem::take(&mut batch))
+                .map_err(read_err)?;
+        }
     }
-    *shared.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
-    Ok(())
+    sm.apply_batch(batch).map_err(read_err)
 }
 
 /// The sled-backed view one log entry is applied through: reads see the batch's own
@@ -269,7 +302,8 @@ struct BatchView<'a> {
     sm: &'a sled::Tree,
     batch: sled::Batch,
     overlay: HashMap<String, Entry>,
-    tree_updates: Vec<(String, Hash)>,
+    /// Buckets of the leaves written, and whether each path is new.
+    tree_updates: Vec<(usize, bool)>,
     settings: &'a mut Option<ClusterSettings>,
     settings_changed: bool,
     error: Option<StorageError>,
@@ -311,7 +345,12 @@ impl NamespaceView for BatchView<'_> {
         self.batch.insert(change_key(new.version, path), &[][..]);
         // Encode once: the same bytes are stored and hashed (see `Entry::tree_hash`).
         let bytes = codec::encode(&new);
-        self.tree_updates.push((path.to_owned(), Hash::of(&bytes)));
+        let (key, bucket) = bucket_of_path(path);
+        self.batch.insert(
+            &leaf_key(&key)[..],
+            leaf_value(new.version, &Hash::of(&bytes), path),
+        );
+        self.tree_updates.push((bucket, old.is_none()));
         self.batch.insert(entry_key(path), bytes);
         self.overlay.insert(path.to_owned(), new);
     }
@@ -410,8 +449,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             if let Some(s) = settings.as_ref().filter(|_| settings_changed) {
                 batch.insert(M_SETTINGS, codec::encode(s));
             }
-            sm.apply_batch(batch)
-                .map_err(|e| StorageIOError::apply(log_id, &e))?;
+            {
+                // See `SmShared::tree`: readers never see the leaves of
+                // this entry without its buckets marked.
+                let mut tree = self.shared.tree.lock().unwrap_or_else(|p| p.into_inner());
+                sm.apply_batch(batch)
+                    .map_err(|e| StorageIOError::apply(log_id, &e))?;
+                for (bucket, new_path) in tree_updates {
+                    tree.mark(bucket, new_path);
+                }
+            }
             if !record.is_empty() {
                 mem.dedup.add(record_key, record);
                 let mut gone = mem.dedup.evict();
@@ -433,12 +480,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             mem.settings = settings;
             if let Some(m) = membership {
                 mem.membership = m;
-            }
-            if !tree_updates.is_empty() {
-                let mut tree = self.shared.tree.lock().unwrap_or_else(|p| p.into_inner());
-                for (path, h) in tree_updates {
-                    tree.insert(&path, h);
-                }
             }
             responses.push(resp);
         }

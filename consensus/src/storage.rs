@@ -9,14 +9,20 @@
 //! # Durability
 //!
 //! sled acknowledges writes from memory and fsyncs in the background every
-//! `flush_every_ms` (500 ms by default). The guarantee openraft needs comes from
-//! [`sled::Db::flush`], which writes every dirty buffer of the *whole*
-//! database (all trees) and fsyncs the segment files; it runs on a tokio
+//! `flush_every_ms` (500 ms by default). [`sled::Db::flush`] writes every
+//! dirty buffer of the *whole* database (all trees), but in sled 0.34 it
+//! only `pwrite`s them and waits with `sync_file_range` (`iobuf.rs`,
+//! `write_to_log`): that neither flushes the device's write cache nor the
+//! file's metadata (its size as the log grows), so it is not an fsync; only
+//! sled's periodic flusher calls `sync_all`. The guarantee openraft needs
+//! therefore comes from [`NodeStorage::flush`]: `Db::flush`, then
+//! `fdatasync` of sled's data file (`db/db`) through our own handle (fsync
+//! acts on the file, whichever descriptor asks). Both run on a tokio
 //! blocking thread (not through `flush_async`, whose use of sled's own pool
-//! deadlocked under load). Cost: one fsync of the dirty
-//! pages, measured around 0.2–0.6 ms for a small append on this disk; it is
-//! paid once per `append` call (openraft hands us a whole batch per call), per
-//! `save_vote`, per `purge` and per snapshot install. The state machine has its
+//! deadlocked under load). Cost: the buffer write plus one `fdatasync`,
+//! around 0.2–0.6 ms for a small append on this disk; it is paid once per
+//! `append` call (openraft hands us a whole batch per call), per
+//! `save_vote`, per `purge` and per snapshot build or install. The state machine has its
 //! own database so that these flushes do not also write (and wait for) the
 //! pages apply dirtied: state machine writes become durable through sled's
 //! background flush (every 500 ms) or a snapshot, never on the commit path.
@@ -123,6 +129,10 @@ pub struct NodeStorage {
     /// The state machine's own database: its writes never ride along with
     /// (and never slow down) the log's flushes. See the module docs.
     pub(crate) sm_db: sled::Db,
+    /// sled's data file of `db` (`db/db`), for `fdatasync` (see the module docs).
+    pub(crate) db_file: std::sync::Arc<std::fs::File>,
+    /// sled's data file of `sm_db` (`sm/db`).
+    pub(crate) sm_file: std::sync::Arc<std::fs::File>,
     /// Raft log: big-endian index → bincode(openraft Entry).
     pub(crate) log: sled::Tree,
     /// Vote, committed, last purged, cluster id, current snapshot meta.
@@ -174,6 +184,9 @@ impl NodeStorage {
                 meta.insert(CLUSTER_ID_KEY, cluster_id.as_bytes())
                     .map_err(sled_err)?;
                 db.flush().map_err(sled_err)?;
+                data_file(&db_dir)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| sled_err(e.into()))?;
             }
         }
         let log = db.open_tree("raft_log").map_err(sled_err)?;
@@ -193,10 +206,17 @@ impl NodeStorage {
                 dir: sm_dir.clone(),
                 source,
             })?;
+        let db_file = data_file(&db_dir).map_err(|e| sled_err(e.into()))?;
+        let sm_file = data_file(&sm_dir).map_err(|e| OpenError::Sled {
+            dir: sm_dir.clone(),
+            source: e.into(),
+        })?;
         Ok(NodeStorage {
             dir: dir.to_owned(),
             db,
             sm_db,
+            db_file: std::sync::Arc::new(db_file),
+            sm_file: std::sync::Arc::new(sm_file),
             log,
             meta,
             sm,
@@ -227,16 +247,23 @@ impl NodeStorage {
         self.db.size_on_disk().unwrap_or(0) + self.sm_db.size_on_disk().unwrap_or(0)
     }
 
-    /// Flushes every tree to disk (see the module docs for the cost).
+    /// Makes every write to the log database durable: sled's flush, then
+    /// `fdatasync` (see the module docs for why both, and the cost).
     pub(crate) async fn flush(&self) -> Result<(), sled::Error> {
         // Not `flush_async`: that runs the flush on sled's own thread pool,
         // and when every pool thread waits in a flush, the buffer writes the
         // flushes wait for have no thread left (a deadlock seen under load).
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
+        let file = self.db_file.clone();
+        tokio::task::spawn_blocking(move || sync_db(&db, &file))
             .await
             .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))?
-            .map(|_| ())
+    }
+
+    /// [`NodeStorage::flush`] of both databases, on the calling thread.
+    pub(crate) fn flush_all_blocking(&self) -> Result<(), sled::Error> {
+        sync_db(&self.sm_db, &self.sm_file)?;
+        sync_db(&self.db, &self.db_file)
     }
 
     /// Reads and decodes a value of the `meta` tree.
@@ -275,6 +302,18 @@ pub enum MetaError {
     /// The value did not decode.
     #[error("meta key {0:?} does not decode")]
     Decode(&'static str, #[source] codec::DecodeError),
+}
+
+/// sled 0.34's data file inside its directory.
+fn data_file(sled_dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::File::open(sled_dir.join("db"))
+}
+
+/// sled's flush (buffers written, `sync_file_range`), then `fdatasync`.
+fn sync_db(db: &sled::Db, file: &std::fs::File) -> Result<(), sled::Error> {
+    db.flush()?;
+    file.sync_data()?;
+    Ok(())
 }
 
 fn dir_size(p: &Path) -> u64 {

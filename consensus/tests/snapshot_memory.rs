@@ -14,6 +14,10 @@
 //! the control). Holding the snapshot in memory (`Cursor<Vec<u8>>`) and
 //! decoding it at once would cost more than twice the data on top.
 //!
+//! The source and target stores go under `TMPDIR`; with a full disk, run the
+//! 1 M case with `TMPDIR=/dev/shm` (sled reads with `pread`, so tmpfs pages
+//! do not count in the RSS).
+//!
 //! N is 100,000 by default (a few seconds); `SYNOD_SNAPSHOT_ENTRIES=1000000
 //! cargo test --release -p synod-consensus --test snapshot_memory -- --nocapture`
 //! runs the 1 M case and prints the figures.
@@ -35,6 +39,9 @@ const PER_ENTRY: u64 = 1024;
 /// sled page cache of the state machine in this test: small, so that the
 /// bound shows up at 100 k entries already (the default is 192 MiB).
 const SM_CACHE: u64 = 4 * 1024 * 1024;
+/// What an install may hold beyond opening the installed store, whatever
+/// the number of entries.
+const INSTALL_OVERHEAD_KIB: u64 = 32 * 1024;
 
 fn opts() -> StorageOptions {
     StorageOptions::default().with_cache_bytes(4 * 1024 * 1024, SM_CACHE)
@@ -192,16 +199,18 @@ fn snapshot_build_and_install_use_bounded_memory() {
     println!("{summary}");
     let mut report = std::io::stderr();
     let _ = writeln!(report, "{summary}");
-    // sled 0.34 does not keep its memory within `cache_capacity`: reading or
-    // writing pages grows RSS with the pages touched (sled#1093, #1410), so
-    // a scan of the whole namespace (open, build) costs memory in proportion
-    // to N whatever this crate does. What this crate controls is asserted:
-    // an install holds no more than a fresh open of its result plus a
-    // bounded overhead (frames, buffers), not the snapshot; a build holds
-    // less than an open.
+    // sled 0.34 does not keep its memory within `cache_capacity`: opening
+    // or scanning a store grows RSS with the number of keys it holds
+    // (≈ 50 B per key here; sled#1093, #1410), whatever this crate does. The
+    // namespace itself is not held in memory (the Merkle trie keeps only its
+    // top levels, see `ns_tree`), so what a snapshot adds on top is bounded:
+    // an install holds less than a fresh open of its result plus the smaller
+    // of the data and a constant (frames, buffers, one Merkle bucket;
+    // measured 2 MiB at 100 k and 14 MiB at 1 M entries), and a build less
+    // than an open.
     assert!(
-        install < open + data_kib,
-        "an install must not hold the snapshot in memory: {summary}"
+        install < open + data_kib.min(INSTALL_OVERHEAD_KIB),
+        "an install must hold no more than opening its result plus a constant: {summary}"
     );
     assert!(
         build < open,
