@@ -496,7 +496,18 @@ mod tests {
             index.record_file(Path::new("f"), &m).expect("record");
             index.flush().expect("flush");
         }
-        let index = ChunkIndex::open(&db_path).expect("reopen");
+        // sled's flusher thread lets go of the lock a moment after the drop.
+        let mut tries = 0;
+        let index = loop {
+            match ChunkIndex::open(&db_path) {
+                Ok(i) => break i,
+                Err(e) if tries < 100 && format!("{e:?}").contains("could not acquire lock") => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => panic!("reopen: {e:?}"),
+            }
+        };
         assert_eq!(
             index.file_chunk_ids(Path::new("f")).expect("ids"),
             Some(m.chunk_ids().collect())

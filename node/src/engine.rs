@@ -235,8 +235,19 @@ impl<N: PeerNet> SyncNode<N> {
         if need == 0 {
             return Ok(holders);
         }
-        let (voters, _, _) = self.members();
-        let peers: Vec<NodeId> = voters.into_iter().filter(|&p| p != self.id).collect();
+        // A node that has just started may not have learnt the membership
+        // yet: wait for it (the caller bounds the wait) rather than fail.
+        let mut metrics = self.raft.metrics();
+        let peers: Vec<NodeId> = loop {
+            let (voters, _, _) = self.members();
+            let peers: Vec<NodeId> = voters.into_iter().filter(|&p| p != self.id).collect();
+            if peers.len() >= need {
+                break peers;
+            }
+            if metrics.changed().await.is_err() {
+                break peers;
+            }
+        };
         let mut tasks: FuturesUnordered<_> = peers
             .iter()
             .map(|&peer| async move { (peer, self.push_missing(peer, manifest, file).await) })

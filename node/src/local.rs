@@ -59,6 +59,10 @@ pub struct LocalState {
     in_doubt: sled::Tree,
     index: ChunkIndex,
     flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// sled's data file (`<dir>/db`): sled's own flush waits with
+    /// `sync_file_range`, which is not an fsync (see
+    /// `synod_consensus::NodeStorage`), so [`LocalState::flush`] adds one.
+    data_file: std::sync::Arc<std::fs::File>,
 }
 
 /// A local edit that could not be committed yet (no quorum): the durable
@@ -111,7 +115,13 @@ impl LocalState {
                 path: path.to_owned(),
                 source,
             })?;
+        let data_file =
+            std::fs::File::open(path.join("db")).map_err(|e| LocalStateError::Open {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
         Ok(LocalState {
+            data_file: std::sync::Arc::new(data_file),
             files: db.open_tree(FILES)?,
             manifests: db.open_tree(MANIFESTS)?,
             meta: db.open_tree(META)?,
@@ -264,9 +274,14 @@ impl LocalState {
         // sled's thread pool (see `synod_consensus::NodeStorage`).
         let _one = self.flushing.lock().await;
         let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.flush())
-            .await
-            .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))??;
+        let file = self.data_file.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), sled::Error> {
+            db.flush()?;
+            file.sync_data()?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))??;
         Ok(())
     }
 }
