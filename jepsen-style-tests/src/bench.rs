@@ -215,6 +215,8 @@ pub struct BenchOutput {
     pub dir: PathBuf,
     pub table: String,
     pub elapsed: Duration,
+    /// Cases that failed (each is an `ERROR:` note in the table).
+    pub errors: usize,
 }
 
 /// The programs each selected case needs, with the Debian package that
@@ -282,27 +284,11 @@ pub fn run(opts: &BenchOptions) -> Result<BenchOutput> {
     );
     let mut ms: Vec<Measurement> = Vec::new();
     let mut notes: Vec<String> = Vec::new();
-    for run in 1..=plan.runs {
-        let run_dir = dir.join(format!("run{run}"));
-        if opts.cases.replication {
-            replication::run_once(&run_dir, &opts.synod, plan, &data, &edited, &mut ms)?;
-        }
-        if opts.cases.fanout {
-            fanout::run_once(&run_dir, &opts.synod, plan, &data, &mut ms)?;
-        }
-        if opts.cases.commits {
-            eprintln!("run {run}: case 4, metadata commits");
-            commits::run_once(
-                &run_dir.join("commits"),
-                &opts.synod,
-                Duration::from_millis(plan.commit_window_ms),
-                &mut ms,
-            )?;
-            remove_data(&run_dir.join("commits"));
-        }
-    }
+    let result = run_cases(opts, &dir, &data, &edited, &mut ms, &mut notes);
+    // The dataset is large: removed also when a case failed.
     let _ = std::fs::remove_dir_all(&data.root);
     let _ = std::fs::remove_dir_all(&edited.root);
+    let errors = result?;
     let targets = report::targets(&ms, plan, data.bytes());
     notes.extend(report::method_notes(plan));
     let versions = report::versions(&opts.synod);
@@ -316,7 +302,109 @@ pub fn run(opts: &BenchOptions) -> Result<BenchOutput> {
         dir,
         table,
         elapsed,
+        errors,
     })
+}
+
+/// Every run of every selected case.
+fn run_cases(
+    opts: &BenchOptions,
+    dir: &Path,
+    data: &Dataset,
+    edited: &Edited,
+    ms: &mut Vec<Measurement>,
+    notes: &mut Vec<String>,
+) -> Result<usize> {
+    let plan = &opts.plan;
+    // A failed case is recorded and the benchmark goes on: the other
+    // figures stay, and the exit status says something failed.
+    let mut errors = 0;
+    let mut failed = |what: String, r: Result<()>| {
+        if let Err(e) = r {
+            eprintln!("ERROR: {what}: {e:#}");
+            notes.push(format!("ERROR: {what}: {e:#}"));
+            errors += 1;
+        }
+    };
+    for run in 1..=plan.runs {
+        let run_dir = dir.join(format!("run{run}"));
+        if opts.cases.replication {
+            let mut found = Vec::new();
+            let r =
+                replication::run_once(&run_dir, &opts.synod, plan, data, edited, ms, &mut found);
+            failed(format!("run {run}, cases 1 and 2"), r);
+            for f in found {
+                failed(format!("run {run}, cases 1 and 2"), Err(anyhow::anyhow!(f)));
+            }
+        }
+        if opts.cases.fanout {
+            let r = fanout::run_once(&run_dir, &opts.synod, plan, data, ms);
+            failed(format!("run {run}, case 3"), r);
+        }
+        if opts.cases.commits {
+            eprintln!("run {run}: case 4, metadata commits");
+            let r = commits::run_once(
+                &run_dir.join("commits"),
+                &opts.synod,
+                Duration::from_millis(plan.commit_window_ms),
+                ms,
+            );
+            remove_data(&run_dir.join("commits"));
+            failed(format!("run {run}, case 4"), r);
+        }
+    }
+    Ok(errors)
+}
+
+/// Kills what killed benchmarks left running: every pid recorded in a
+/// `pids` file under `out/bench-*/` whose command line still names that
+/// benchmark's directory (so a reused pid is never touched).
+pub fn clean(out: &Path) -> Vec<String> {
+    fn pid_files(dir: &Path, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pid_files(&p, found);
+            } else if e.file_name() == "pids" {
+                found.push(p);
+            }
+        }
+    }
+    let mut done = Vec::new();
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return done;
+    };
+    for bench in entries.flatten() {
+        if !bench.file_name().to_string_lossy().starts_with("bench-") {
+            continue;
+        }
+        let root = bench.path().display().to_string();
+        let mut files = Vec::new();
+        pid_files(&bench.path(), &mut files);
+        for f in files {
+            let text = std::fs::read_to_string(&f).unwrap_or_default();
+            // Lines are `node pid` (clusters) or `pid name` (other tools):
+            // every number is a candidate; the command line decides.
+            for pid in text
+                .split_whitespace()
+                .filter_map(|w| w.parse::<i32>().ok())
+                .filter(|p| *p > 1)
+            {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&root) {
+                    let pid = nix::unistd::Pid::from_raw(pid);
+                    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+                    if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                        done.push(format!("killed benchmark process {pid}"));
+                    }
+                }
+            }
+        }
+    }
+    done
 }
 
 /// Removes what a tool's run left under `dir`, except every `logs/`

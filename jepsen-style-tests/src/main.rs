@@ -35,7 +35,8 @@ enum Cmd {
         /// The run directory (holds history.jsonl).
         dir: PathBuf,
     },
-    /// Remove namespaces, links and node processes left by killed runs.
+    /// Remove namespaces, links and node processes left by killed runs
+    /// (and the processes of killed benchmarks).
     Clean {
         /// Parent of the run directories.
         #[arg(long, default_value = "target/synod-lab")]
@@ -334,6 +335,13 @@ fn real_main() -> Result<ExitCode> {
                 out.dir.join("bench.json").display(),
                 out.elapsed.as_secs_f64()
             );
+            if out.errors > 0 {
+                eprintln!(
+                    "synod-lab: {} benchmark case(s) failed (ERROR lines above)",
+                    out.errors
+                );
+                return Ok(ExitCode::from(3));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Campaign {

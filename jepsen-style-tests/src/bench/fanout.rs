@@ -26,6 +26,19 @@ pub fn one_copy_seconds(bytes: u64, mbit: u64) -> f64 {
 }
 
 /// Namespaces for node 1 + receivers, every link limited.
+/// Setup would remove another lab run's namespaces (the names are fixed):
+/// refuse instead of breaking it.
+fn refuse_if_busy() -> Result<()> {
+    let list = netns::run("ip", &["netns", "list"])?;
+    if list.contains(netns::NS_PREFIX) {
+        anyhow::bail!(
+            "another lab run holds the {}* namespaces; run case 3 when it is done (or `synod-lab clean`)",
+            netns::NS_PREFIX
+        );
+    }
+    Ok(())
+}
+
 fn setup_net(plan: &Plan) -> Result<u64> {
     let n = 1 + plan.fanout_receivers;
     netns::setup(n)?;
@@ -69,7 +82,8 @@ pub fn run_once(
             run_dir.display(),
             plan.fanout_receivers
         );
-        let result = {
+        let result = (|| {
+            refuse_if_busy()?;
             let _net = NetGuard;
             let n = setup_net(plan)?;
             if tool == synod::NAME {
@@ -77,7 +91,7 @@ pub fn run_once(
             } else {
                 rsync_fanout(&dir, plan, data, &expected, n)
             }
-        };
+        })();
         remove_data(&dir);
         let time = result.with_context(|| format!("case 3 with {tool}"))?;
         Measurement::record(

@@ -49,7 +49,7 @@ impl Procs {
                 .create(true)
                 .append(true)
                 .open(p)
-                .and_then(|mut f| writeln!(f, "{name} {}", child.id()));
+                .and_then(|mut f| writeln!(f, "{} {name}", child.id()));
         }
         self.children.push((name.to_string(), child));
         Ok(())

@@ -62,6 +62,7 @@ pub fn run_once(
     data: &Dataset,
     edited: &Edited,
     out: &mut Vec<Measurement>,
+    notes: &mut Vec<String>,
 ) -> Result<()> {
     for tool in [SYNOD, RSYNC_FSYNC, RSYNC, SYNCTHING] {
         let dir = run_dir.join(tool.replace([' ', '-'], ""));
@@ -69,7 +70,7 @@ pub fn run_once(
             .with_context(|| format!("creating {}", dir.display()))?;
         eprintln!("{}: cases 1+2, {tool}", run_dir.display());
         let result = match tool {
-            SYNOD => synod_phases(&dir, synod_bin, plan, data, edited),
+            SYNOD => synod_phases(&dir, synod_bin, plan, data, edited, notes),
             RSYNC_FSYNC => rsync_phases(&dir, true, plan, data, edited),
             RSYNC => rsync_phases(&dir, false, plan, data, edited),
             _ => syncthing_phases(&dir, plan, data, edited),
@@ -90,12 +91,41 @@ fn verify_receivers(folders: &[PathBuf], expected: &Expected) -> Result<()> {
     Ok(())
 }
 
+/// For synod, whose "done" is a watermark: verifies the receivers, and if
+/// they do not hold every file yet, keeps checking for up to 60 s and
+/// returns a finding (a watermark that ran ahead of the disk).
+fn verify_after_watermark(
+    folders: &[PathBuf],
+    expected: &Expected,
+    what: &str,
+) -> Result<Option<String>> {
+    let first = match verify_receivers(folders, expected) {
+        Ok(()) => return Ok(None),
+        Err(e) => format!("{e:#}"),
+    };
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(60) {
+        std::thread::sleep(Duration::from_millis(500));
+        if verify_receivers(folders, expected).is_ok() {
+            return Ok(Some(format!(
+                "synod, {what}: the receivers' watermark passed the last commit {:.1} s before every file was on disk ({first})",
+                t0.elapsed().as_secs_f64()
+            )));
+        }
+    }
+    verify_receivers(folders, expected).with_context(|| {
+        format!("synod, {what}: the watermark passed the last commit, but 60 s later a receiver still lacks files (first check: {first})")
+    })?;
+    Ok(None)
+}
+
 fn synod_phases(
     dir: &Path,
     synod_bin: &Path,
     plan: &Plan,
     data: &Dataset,
     edited: &Edited,
+    findings: &mut Vec<String>,
 ) -> Result<[Phase; 2]> {
     let mut cluster = synod::start_loopback(dir, synod_bin)?;
     let folder = |id: u64| dir.join(format!("node{id}/folder"));
@@ -117,7 +147,11 @@ fn synod_phases(
     )?;
     let time = t0.elapsed();
     let w1 = wire(&cluster)?;
-    verify_receivers(&receivers, &data.files)?;
+    findings.extend(verify_after_watermark(
+        &receivers,
+        &data.files,
+        CASE_INITIAL,
+    )?);
     let initial = Phase {
         time,
         received: [w1[0] - w0[0], w1[1] - w0[1]],
@@ -137,7 +171,11 @@ fn synod_phases(
     )?;
     let time = t0.elapsed();
     let w2 = wire(&cluster)?;
-    verify_receivers(&receivers, &edited.after)?;
+    findings.extend(verify_after_watermark(
+        &receivers,
+        &edited.after,
+        CASE_DELTA,
+    )?);
     cluster.stop();
     Ok([
         initial,
