@@ -18,8 +18,11 @@
 //!   `files` workload (larger files put, edited, renamed, deleted).
 //! - `report`: the stdout summary and `report.html`.
 //! - `run`: one run end to end, re-checking, campaigns.
+//! - `bench`: `synod-lab bench`, synod side by side with rsync, Syncthing
+//!   and etcd.
 
 pub mod api;
+pub mod bench;
 pub mod checker;
 pub mod cluster;
 pub mod history;

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use synod_lab::bench;
 use synod_lab::checker::Verdict;
 use synod_lab::cluster::NetMode;
 use synod_lab::nemesis;
@@ -34,7 +35,8 @@ enum Cmd {
         /// The run directory (holds history.jsonl).
         dir: PathBuf,
     },
-    /// Remove namespaces, links and node processes left by killed runs.
+    /// Remove namespaces, links and node processes left by killed runs
+    /// (and the processes of killed benchmarks).
     Clean {
         /// Parent of the run directories.
         #[arg(long, default_value = "target/synod-lab")]
@@ -63,6 +65,35 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         attempts: u64,
     },
+    /// synod side by side with rsync, Syncthing and etcd: initial
+    /// replication, delta re-sync, fan-out under a bandwidth limit, metadata
+    /// commits. Prints a Markdown table; writes bench.json in the run
+    /// directory. Needs rsync, syncthing and etcd installed, and root for
+    /// the fan-out case (network namespaces).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Small data and one run of each case (CI; about 2–3 minutes).
+    #[arg(long)]
+    quick: bool,
+    /// Runs of each case (full mode).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=50))]
+    runs: u64,
+    /// Comma-separated cases: 1 initial replication, 2 delta re-sync (1 and
+    /// 2 run together), 3 fan-out, 4 metadata commits.
+    #[arg(long, default_value = "1,2,3,4")]
+    cases: String,
+    /// Seeds the dataset and the edit set.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The synod binary (default: beside this binary, then $PATH).
+    #[arg(long, env = "SYNOD_BIN")]
+    synod: Option<PathBuf>,
+    /// Parent of the run directory.
+    #[arg(long, default_value = "target/synod-lab")]
+    out: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -167,6 +198,19 @@ fn find_synod(explicit: Option<&Path>) -> Result<PathBuf> {
     bail!("no synod binary found; build it with `cargo build -p synod-node` or pass --synod PATH")
 }
 
+/// The synod binary and the output directory (created), both absolute.
+fn synod_and_out(synod: Option<&Path>, out: &Path) -> Result<(PathBuf, PathBuf)> {
+    let synod = find_synod(synod)?;
+    let synod = synod
+        .canonicalize()
+        .with_context(|| format!("resolving {}", synod.display()))?;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let out = out
+        .canonicalize()
+        .with_context(|| format!("resolving {}", out.display()))?;
+    Ok((synod, out))
+}
+
 fn options(a: &RunArgs, default_all: bool) -> Result<RunOptions> {
     let net = match a.net {
         Net::Netns => NetMode::Netns,
@@ -190,15 +234,7 @@ fn options(a: &RunArgs, default_all: bool) -> Result<RunOptions> {
         .transpose()
         .map_err(anyhow::Error::msg)
         .context("reading --schedule")?;
-    let synod = find_synod(a.synod.as_deref())?;
-    let synod = synod
-        .canonicalize()
-        .with_context(|| format!("resolving {}", synod.display()))?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let out = a
-        .out
-        .canonicalize()
-        .with_context(|| format!("resolving {}", a.out.display()))?;
+    let (synod, out) = synod_and_out(a.synod.as_deref(), &a.out)?;
     Ok(RunOptions {
         nodes: a.nodes,
         clients: a.clients,
@@ -214,6 +250,24 @@ fn options(a: &RunArgs, default_all: bool) -> Result<RunOptions> {
         schedule,
         hooks_env: a.node_hooks.clone(),
         blind_writes: !a.cas_only,
+    })
+}
+
+fn bench_options(a: &BenchArgs) -> Result<bench::BenchOptions> {
+    let plan = if a.quick {
+        bench::Plan::quick(a.seed)
+    } else {
+        bench::Plan::full(usize::try_from(a.runs).unwrap_or(1), a.seed)
+    };
+    let cases = bench::Cases::parse(&a.cases)
+        .map_err(anyhow::Error::msg)
+        .context("reading --cases")?;
+    let (synod, out) = synod_and_out(a.synod.as_deref(), &a.out)?;
+    Ok(bench::BenchOptions {
+        plan,
+        cases,
+        synod,
+        out,
     })
 }
 
@@ -266,6 +320,29 @@ fn real_main() -> Result<ExitCode> {
                 println!("  no checker caught the unsafe node in {attempts} runs: FAIL");
                 Ok(ExitCode::from(1))
             }
+        }
+        Cmd::Bench(a) => {
+            let opts = bench_options(&a)?;
+            if std::env::var_os("SYNOD_LAB_LOG").is_none() {
+                // Before any thread starts: the nodes log warnings only.
+                std::env::set_var("SYNOD_LAB_LOG", "warn");
+            }
+            let out = bench::run(&opts)
+                .context("the benchmark failed; `synod-lab clean` removes what it left")?;
+            println!("{}", out.table);
+            println!(
+                "bench.json: {} ({:.0} s)",
+                out.dir.join("bench.json").display(),
+                out.elapsed.as_secs_f64()
+            );
+            if out.errors > 0 {
+                eprintln!(
+                    "synod-lab: {} benchmark case(s) failed (ERROR lines above)",
+                    out.errors
+                );
+                return Ok(ExitCode::from(3));
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Campaign {
             run: a,

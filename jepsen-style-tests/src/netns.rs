@@ -215,6 +215,21 @@ pub fn cap_bandwidth(id: u64, rate: &str) -> Result<(), NetError> {
     Ok(())
 }
 
+/// Limits node `id`'s link to `rate` both ways: a token bucket on its
+/// `eth0` (what it sends) and on its host-side veth (what it receives),
+/// with a burst large enough for fast rates (`32kbit` would cap them).
+pub fn limit_link(id: u64, rate: &str) -> Result<(), NetError> {
+    let tbf = ["tbf", "rate", rate, "burst", "256kb", "latency", "100ms"];
+    let mut inside = vec!["qdisc", "replace", "dev", "eth0", "root"];
+    inside.extend_from_slice(&tbf);
+    in_ns(id, "tc", &inside)?;
+    let veth = format!("{VETH_PREFIX}{id}");
+    let mut host = vec!["qdisc", "replace", "dev", veth.as_str(), "root"];
+    host.extend_from_slice(&tbf);
+    run("tc", &host)?;
+    Ok(())
+}
+
 /// Removes node `id`'s qdisc (no error if there was none).
 pub fn uncap_bandwidth(id: u64) {
     let _ = in_ns(id, "tc", &["qdisc", "del", "dev", "eth0", "root"]);

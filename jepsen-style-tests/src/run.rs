@@ -617,6 +617,7 @@ pub fn clean(out: &Path) -> Vec<String> {
             }
         }
     }
+    done.extend(crate::bench::clean(out));
     done.extend(cluster::unmount_under(out));
     match netns::clean() {
         Ok(r) => done.extend(r),

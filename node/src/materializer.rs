@@ -100,9 +100,19 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
     let view = node.reader.view();
     let applied = view.applied_index();
+    let mut limit = FEED_BATCH;
     let mut changes = view
-        .changes_since(wm, FEED_BATCH)
+        .changes_since(wm, limit)
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    // A log entry (group commit) can hold more changes than a batch: widen
+    // the read until it reaches past the first version, or that version's
+    // tail would be skipped by the watermark below.
+    while changes.len() == limit && changes[0].version == changes[limit - 1].version {
+        limit *= 2;
+        changes = view
+            .changes_since(wm, limit)
+            .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    }
     if changes.is_empty() {
         if applied > wm {
             set_watermark(node, applied).await?;
@@ -111,9 +121,9 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     }
     // One log entry can hold many commands (group commit): never split one
     // version across two steps, or the watermark would skip its tail.
-    // A full batch ends where it ends, even after dropping its tail
-    // version: past it lie changes not read yet.
-    let full = changes.len() == FEED_BATCH;
+    // A full batch may stop short of the feed's end: only a short one may
+    // carry the watermark up to `applied` (decided before trimming).
+    let full = changes.len() == limit;
     if full {
         let last = changes[changes.len() - 1].version;
         if changes[0].version != last {
