@@ -93,6 +93,11 @@ impl<N: PeerNet> SyncNode<N> {
         self.write_timeout + Duration::from_secs(size / (8 << 20))
     }
 
+    /// A free conflict-copy name for `path`, by this node, now.
+    pub(crate) fn aside_name(&self, path: &str) -> String {
+        crate::conflict::free_conflict_name(&self.folder, path, self.id, crate::lab_hooks::now())
+    }
+
     pub fn watch_watermark(&self) -> watch::Receiver<u64> {
         self.watermark.subscribe()
     }

@@ -21,10 +21,8 @@ use crate::local::LocalFile;
 use crate::metrics::Metrics;
 use crate::peers::{PeerError, PeerNet};
 
-/// Changes read from the feed at once. Larger than the most commands one
-/// log entry can hold (the proposer's `max_batch`), so the changes of one
-/// version always fit in one read.
-const FEED_BATCH: usize = 4096;
+/// Changes read from the feed at once (widened when one log entry holds more).
+const FEED_BATCH: usize = 1024;
 
 /// Why one entry could not be materialized (it is retried).
 #[derive(Debug, thiserror::Error)]
@@ -267,20 +265,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
     if let Some((f, checked)) = old {
         rescue_late_write(node, path, f, &checked)?;
     }
-    let meta = std::fs::metadata(&target).map_err(io_err(format!("stat {}", target.display())))?;
-    let (mtime_ns, inode) = fsutil::stamp(&meta);
-    let file = LocalFile {
-        version: entry.version,
-        root: entry.root,
-        size: entry.size,
-        mtime_ns,
-        inode,
-        kind: EntryKind::File,
-    };
-    record(node, path, &file, &manifest)?;
-    for c in manifest.chunks() {
-        node.staging.remove(&c.id);
-    }
+    record_placed(node, path, entry, &target, &manifest)?;
     Metrics::add(&node.metrics.files_materialized, 1);
     node.metrics
         .events
@@ -308,12 +293,7 @@ fn rescue_late_write<N: PeerNet>(
     if unchanged || now.nlink() > 0 {
         return Ok(());
     }
-    let aside = crate::conflict::free_conflict_name(
-        &node.folder,
-        path.as_str(),
-        node.id,
-        crate::lab_hooks::now(),
-    );
+    let aside = node.aside_name(path.as_str());
     let tmp = fsutil::temp_path(&node.folder, "rescue").map_err(io_err("creating temp file"))?;
     let copied = (|| -> std::io::Result<()> {
         use std::io::Seek;
@@ -357,21 +337,11 @@ fn make_directory<N: PeerNet>(
     if let Some(parent) = target.parent() {
         fsutil::fsync_dir(parent).map_err(io_err("fsync after mkdir"))?;
     }
-    let meta =
-        std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
-    let (mtime_ns, inode) = fsutil::stamp(&meta);
-    let file = LocalFile {
-        version: entry.version,
-        root: entry.root,
-        size: 0,
-        mtime_ns,
-        inode,
-        kind: EntryKind::Directory,
-    };
-    record(
+    record_placed(
         node,
         path,
-        &file,
+        entry,
+        target,
         &synod_chunker::chunk_slice(&[], node.params),
     )?;
     debug!(path = %path, version = entry.version, "directory materialized");
@@ -417,21 +387,7 @@ async fn make_link<N: PeerNet>(
         .index()
         .record_file(&fsutil::link_target_rel(&manifest), &manifest)
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
-    let meta =
-        std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
-    let (mtime_ns, inode) = fsutil::stamp(&meta);
-    let file = LocalFile {
-        version: entry.version,
-        root: entry.root,
-        size: meta.len(),
-        mtime_ns,
-        inode,
-        kind: EntryKind::Symlink,
-    };
-    record(node, path, &file, &manifest)?;
-    for c in manifest.chunks() {
-        node.staging.remove(&c.id);
-    }
+    record_placed(node, path, entry, target, &manifest)?;
     node.metrics
         .events
         .record(crate::events::EventKind::Materialized, path);
@@ -463,6 +419,33 @@ fn record<N: PeerNet>(
         .map_err(|e| MaterializeError::Local(e.to_string()))
 }
 
+/// Records what was just placed at `target` for `entry`, with the stamp
+/// it has now, and frees its staged chunks (the folder holds them).
+fn record_placed<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &NsPath,
+    entry: &Entry,
+    target: &std::path::Path,
+    manifest: &Manifest,
+) -> Result<(), MaterializeError> {
+    let meta =
+        std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
+    let (mtime_ns, inode) = fsutil::stamp(&meta);
+    let file = LocalFile {
+        version: entry.version,
+        root: entry.root,
+        size: fsutil::size_of(&meta),
+        mtime_ns,
+        inode,
+        kind: entry.kind,
+    };
+    record(node, path, &file, manifest)?;
+    for c in manifest.chunks() {
+        node.staging.remove(&c.id);
+    }
+    Ok(())
+}
+
 fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
     match std::fs::symlink_metadata(target) {
         Ok(meta) => {
@@ -488,12 +471,7 @@ fn clear_ancestors<N: PeerNet>(node: &SyncNode<N>, path: &NsPath) -> Result<(), 
             continue;
         }
         let rel = segments[..=i].join("/");
-        let aside = crate::conflict::free_conflict_name(
-            &node.folder,
-            &rel,
-            node.id,
-            crate::lab_hooks::now(),
-        );
+        let aside = node.aside_name(&rel);
         warn!(path = %path, blocking = %rel, kept_as = %aside, "a local link or file stood where the committed path needs a directory; moved aside");
         fsutil::place(&at, &node.folder.join(&aside))
             .map_err(io_err(format!("moving {} aside", at.display())))?;
@@ -529,12 +507,7 @@ fn preserve_local_edit<N: PeerNet>(
             }
         }
     }
-    let aside = crate::conflict::free_conflict_name(
-        &node.folder,
-        path.as_str(),
-        node.id,
-        crate::lab_hooks::now(),
-    );
+    let aside = node.aside_name(path.as_str());
     let aside_path = node.folder.join(&aside);
     warn!(path = %path, kept_as = %aside, "local file changed behind synod's back; kept beside the committed one");
     node.metrics

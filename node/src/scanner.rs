@@ -988,12 +988,7 @@ async fn lost_race<N: PeerNet>(
         debug!(path = %found.path, "directory lost a race; the committed entry wins");
         return Ok(());
     }
-    let aside = crate::conflict::free_conflict_name(
-        &node.folder,
-        found.path.as_str(),
-        node.id,
-        crate::lab_hooks::now(),
-    );
+    let aside = node.aside_name(found.path.as_str());
     let aside_path = NsPath::parse(&aside).map_err(|e| NodeError::BadRequest(e.to_string()))?;
     let cmd = Command::put(
         &aside_path,
