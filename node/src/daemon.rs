@@ -178,10 +178,14 @@ impl PeerNet for TransportNet {
         Ok(())
     }
 
-    async fn push_manifest(&self, peer: NodeId, manifest: Vec<u8>) -> Result<(), PeerError> {
+    async fn push_manifests(
+        &self,
+        peer: NodeId,
+        manifests: Vec<Vec<u8>>,
+    ) -> Result<(), PeerError> {
         let p = self.peer(peer)?;
         self.handle
-            .push_manifest(p, manifest)
+            .push_manifests(p, manifests)
             .await
             .map_err(|e| PeerError::new(peer, e))
     }
@@ -356,14 +360,14 @@ impl Services for NodeServices {
         .boxed()
     }
 
-    fn store_manifest(
+    fn store_manifests(
         &self,
         _peer: PeerId,
-        manifest: Vec<u8>,
+        manifests: Vec<Vec<u8>>,
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
         async move {
             let node = self.node()?.clone();
-            node.store_pushed_manifest(&manifest)
+            node.store_pushed_manifests(&manifests)
                 .await
                 .map_err(ServiceError)
         }

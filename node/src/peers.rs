@@ -47,11 +47,11 @@ pub trait PeerNet: Send + Sync + 'static {
         chunks: Vec<(Hash, Vec<u8>)>,
     ) -> impl Future<Output = Result<(), PeerError>> + Send;
 
-    /// Stores `manifest` on `peer`, durable before it answers.
-    fn push_manifest(
+    /// Stores encoded manifests on `peer`, durable before it answers.
+    fn push_manifests(
         &self,
         peer: NodeId,
-        manifest: Vec<u8>,
+        manifests: Vec<Vec<u8>>,
     ) -> impl Future<Output = Result<(), PeerError>> + Send;
 
     /// Leaf count and top node of the manifest tree `root` on `peer`.

@@ -21,7 +21,7 @@ use synod_merkle::Hash;
 use tokio::sync::{broadcast, Notify};
 use tracing::{debug, info, warn};
 
-use crate::engine::SyncNode;
+use crate::engine::{SyncNode, SEND_WITHOUT_ASKING};
 use crate::error::NodeError;
 use crate::fsutil;
 use crate::local::{LocalFile, PendingEdit};
@@ -564,61 +564,123 @@ async fn prepare<N: PeerNet>(
         })
         .collect();
     report.unsettled += unsettled;
-    let results: Vec<_> = stream::iter(ready)
+    // First every file is chunked (in parallel)...
+    let chunked: Vec<(Op, Result<Option<(Manifest, PathBuf)>, NodeError>)> = stream::iter(ready)
         .map(|op| async move {
-            let Op::Put { found, .. } = &op else {
-                return Outcome::Ready(Prepared {
-                    op,
-                    manifest: None,
-                    holders: Vec::new(),
-                });
-            };
-            let content = match found.kind {
-                EntryKind::File => chunk_stable(node, found)
-                    .await
-                    .map(|m| m.map(|m| (m, found.abs.clone()))),
-                EntryKind::Symlink => link_content(node, found).await,
-                EntryKind::Directory => {
+            let content = match &op {
+                Op::Put { found, .. } => match found.kind {
+                    EntryKind::File => chunk_stable(node, found)
+                        .await
+                        .map(|m| m.map(|m| (m, found.abs.clone()))),
+                    EntryKind::Symlink => link_content(node, found).await,
                     // Nothing to carry but the name.
-                    return Outcome::Ready(Prepared {
-                        op,
-                        manifest: Some(synod_chunker::chunk_slice(&[], node.params)),
-                        holders: vec![node.id],
-                    });
-                }
+                    EntryKind::Directory => Ok(Some((
+                        synod_chunker::chunk_slice(&[], node.params),
+                        PathBuf::new(),
+                    ))),
+                },
+                _ => Ok(None),
             };
-            node.metrics.scan_progress.hashed(found.size);
-            match content {
-                Ok(Some((manifest, source))) => {
-                    if let Err(e) = node.local.put_manifest(&manifest) {
-                        return Outcome::Failed(op, NodeError::internal("storing a manifest", e));
-                    }
-                    let limit = node.content_timeout(manifest.size());
-                    let replicated =
-                        tokio::time::timeout(limit, node.replicate(&manifest, &source))
-                            .await
-                            .unwrap_or_else(|_| {
-                                Err(NodeError::Unavailable(format!(
-                                    "content did not reach {} nodes within {limit:?}",
-                                    node.replication
-                                )))
-                            });
-                    match replicated {
-                        Ok(holders) => Outcome::Ready(Prepared {
-                            op,
-                            manifest: Some(manifest),
-                            holders,
-                        }),
-                        Err(e) => Outcome::Failed(op, e),
-                    }
-                }
-                Ok(None) => Outcome::Unsettled(op),
-                Err(e) => Outcome::Failed(op, e),
+            if let Op::Put { found, .. } = &op {
+                node.metrics.scan_progress.hashed(found.size);
             }
+            (op, content)
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
+    // ...then the content goes to the peers: small files together, the
+    // others one by one.
+    let mut results = Vec::new();
+    let mut small = Vec::new();
+    let mut big = Vec::new();
+    for (op, content) in chunked {
+        let (manifest, source) = match content {
+            Ok(Some(c)) => c,
+            Ok(None) if !matches!(op, Op::Put { .. }) => {
+                results.push(Outcome::Ready(Prepared {
+                    op,
+                    manifest: None,
+                    holders: Vec::new(),
+                }));
+                continue;
+            }
+            Ok(None) => {
+                results.push(Outcome::Unsettled(op));
+                continue;
+            }
+            Err(e) => {
+                results.push(Outcome::Failed(op, e));
+                continue;
+            }
+        };
+        if matches!(&op, Op::Put { found, .. } if found.kind == EntryKind::Directory) {
+            results.push(Outcome::Ready(Prepared {
+                op,
+                manifest: Some(manifest),
+                holders: vec![node.id],
+            }));
+            continue;
+        }
+        if let Err(e) = node.local.put_manifest(&manifest) {
+            results.push(Outcome::Failed(
+                op,
+                NodeError::internal("storing a manifest", e),
+            ));
+            continue;
+        }
+        if manifest.size() <= SEND_WITHOUT_ASKING {
+            small.push((op, manifest, source));
+        } else {
+            big.push((op, manifest, source));
+        }
+    }
+    let one_by_one = |files: Vec<(Op, Manifest, PathBuf)>| {
+        stream::iter(files)
+            .map(|(op, manifest, source)| async move {
+                let replicated =
+                    replicate_within(node, manifest.size(), node.replicate(&manifest, &source))
+                        .await;
+                match replicated {
+                    Ok(holders) => Outcome::Ready(Prepared {
+                        op,
+                        manifest: Some(manifest),
+                        holders,
+                    }),
+                    Err(e) => Outcome::Failed(op, e),
+                }
+            })
+            .buffer_unordered(PARALLEL)
+            .collect::<Vec<_>>()
+    };
+    let small_done = async {
+        let total: u64 = small.iter().map(|(_, m, _)| m.size()).sum();
+        let files: Vec<(&Manifest, &Path)> =
+            small.iter().map(|(_, m, p)| (m, p.as_path())).collect();
+        match replicate_within(node, total, node.replicate_many(&files)).await {
+            Ok(holders) => small
+                .into_iter()
+                .map(|(op, manifest, _)| {
+                    Outcome::Ready(Prepared {
+                        op,
+                        manifest: Some(manifest),
+                        holders: holders.clone(),
+                    })
+                })
+                .collect::<Vec<_>>(),
+            Err(NodeError::Unavailable(why)) => small
+                .into_iter()
+                .map(|(op, _, _)| Outcome::Failed(op, NodeError::Unavailable(why.clone())))
+                .collect(),
+            // One file could not be read (gone, say): the others need not
+            // wait for the next scan.
+            Err(_) => one_by_one(small).await,
+        }
+    };
+    let big_done = one_by_one(big);
+    let (small_done, big_done) = futures::join!(small_done, big_done);
+    results.extend(small_done);
+    results.extend(big_done);
     let hashed = results
         .iter()
         .filter(|r| matches!(r, Outcome::Ready(p) if p.manifest.is_some()))
@@ -626,6 +688,23 @@ async fn prepare<N: PeerNet>(
     report.hashed += hashed;
     Metrics::add(&node.metrics.files_hashed, hashed as u64);
     results
+}
+
+/// `replicating`, bounded by the content timeout of `bytes`.
+async fn replicate_within<N: PeerNet>(
+    node: &SyncNode<N>,
+    bytes: u64,
+    replicating: impl std::future::Future<Output = Result<Vec<u64>, NodeError>>,
+) -> Result<Vec<u64>, NodeError> {
+    let limit = node.content_timeout(bytes);
+    tokio::time::timeout(limit, replicating)
+        .await
+        .unwrap_or_else(|_| {
+            Err(NodeError::Unavailable(format!(
+                "content did not reach {} nodes within {limit:?}",
+                node.replication
+            )))
+        })
 }
 
 /// The manifest of `found`, or `None` if the file changed while it was

@@ -296,10 +296,10 @@ impl synod_transport::Services for NoServices {
     ) -> BoxFuture<'_, Result<(), synod_transport::ServiceError>> {
         Box::pin(async { Ok(()) })
     }
-    fn store_manifest(
+    fn store_manifests(
         &self,
         _: synod_transport::PeerId,
-        _: Vec<u8>,
+        _: Vec<Vec<u8>>,
     ) -> BoxFuture<'_, Result<(), synod_transport::ServiceError>> {
         Box::pin(async { Ok(()) })
     }

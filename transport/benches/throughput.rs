@@ -64,7 +64,11 @@ impl Services for MemChunks {
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
         Box::pin(async { Ok(()) })
     }
-    fn store_manifest(&self, _: PeerId, _: Vec<u8>) -> BoxFuture<'_, Result<(), ServiceError>> {
+    fn store_manifests(
+        &self,
+        _: PeerId,
+        _: Vec<Vec<u8>>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
         Box::pin(async { Ok(()) })
     }
     fn missing_chunks(

@@ -320,8 +320,9 @@ impl Driver {
         self.spawn_answer(peer, ChunkProtocol::NAME, async move {
             let resp = match req {
                 ChunkRequest::Fetch(blob) => serve_fetch(&*services, peer, blob).await,
-                ChunkRequest::PushManifest(bytes) => {
-                    match services.store_manifest(peer, bytes).await {
+                ChunkRequest::PushManifests(list) => {
+                    let list = list.into_iter().map(serde_bytes::ByteBuf::into_vec).collect();
+                    match services.store_manifests(peer, list).await {
                         Ok(()) => ChunkResponse::Stored,
                         Err(e) => ChunkResponse::Refused(e.0),
                     }

@@ -388,10 +388,16 @@ impl TransportHandle {
         Ok(out)
     }
 
-    /// Pushes an encoded file manifest to `peer`, which answers once it is
+    /// Pushes encoded file manifests to `peer`, which answers once they are
     /// durable there.
-    pub async fn push_manifest(&self, peer: PeerId, manifest: Vec<u8>) -> Result<(), RequestError> {
-        let req = ChunkRequest::PushManifest(manifest);
+    pub async fn push_manifests(
+        &self,
+        peer: PeerId,
+        manifests: Vec<Vec<u8>>,
+    ) -> Result<(), RequestError> {
+        let req = ChunkRequest::PushManifests(
+            manifests.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+        );
         let resp = self
             .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
             .await?;

@@ -56,12 +56,12 @@ pub trait Services: Send + Sync + 'static {
         chunks: Vec<ChunkData>,
     ) -> BoxFuture<'_, Result<(), ServiceError>>;
 
-    /// Decodes, checks and stores an encoded file manifest durably before
-    /// returning.
-    fn store_manifest(
+    /// Decodes, checks and stores encoded file manifests durably before
+    /// returning (all or none).
+    fn store_manifests(
         &self,
         peer: PeerId,
-        manifest: Vec<u8>,
+        manifests: Vec<Vec<u8>>,
     ) -> BoxFuture<'_, Result<(), ServiceError>>;
 
     /// The chunks among `ids` this node holds neither staged nor in its folder.

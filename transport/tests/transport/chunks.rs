@@ -110,11 +110,14 @@ async fn a_peer_answers_which_chunks_it_lacks() {
         .unwrap();
     assert_eq!(missing, vec![absent]);
     a.handle
-        .push_manifest(b.handle.local_peer_id(), b"manifest bytes".to_vec())
+        .push_manifests(
+            b.handle.local_peer_id(),
+            vec![b"manifest one".to_vec(), b"manifest two".to_vec()],
+        )
         .await
         .unwrap();
     assert_eq!(
         *b.services.manifests.lock().unwrap(),
-        vec![b"manifest bytes".to_vec()]
+        vec![b"manifest one".to_vec(), b"manifest two".to_vec()]
     );
 }

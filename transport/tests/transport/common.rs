@@ -108,12 +108,12 @@ impl Services for MemServices {
         Box::pin(async { Ok(()) })
     }
 
-    fn store_manifest(
+    fn store_manifests(
         &self,
         _: PeerId,
-        manifest: Vec<u8>,
+        manifests: Vec<Vec<u8>>,
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
-        self.manifests.lock().unwrap().push(manifest);
+        self.manifests.lock().unwrap().extend(manifests);
         Box::pin(async { Ok(()) })
     }
 
