@@ -94,6 +94,9 @@ pub struct TransportHandle {
     metrics: Arc<TransportMetrics>,
     raft: RaftSlot,
     bulk: Arc<BulkSlots>,
+    /// Forwarded writes in flight per leader: below the receiver's inbound
+    /// stream limit, beyond which libp2p drops the stream unanswered.
+    forwards: Arc<BulkSlots>,
 }
 
 /// Per-peer budget of chunk requests in flight. Chunk batches share the
@@ -169,6 +172,10 @@ pub async fn start_transport(
         per_peer: config.chunk_requests_per_peer.max(1),
         slots: Mutex::new(HashMap::new()),
     });
+    let forwards = Arc::new(BulkSlots {
+        per_peer: (config.max_concurrent_streams / 2).max(1),
+        slots: Mutex::new(HashMap::new()),
+    });
     let driver = Driver::new(swarm, rx, services, raft.clone(), metrics.clone(), &config);
     let task = tokio::spawn(driver.run());
     let handle = TransportHandle {
@@ -178,6 +185,7 @@ pub async fn start_transport(
         metrics,
         raft,
         bulk,
+        forwards,
     };
     Ok((handle, task))
 }
@@ -275,6 +283,7 @@ impl TransportHandle {
         leader: PeerId,
         request: Request,
     ) -> Result<ForwardResponse, RequestError> {
+        let _slot = self.forwards.acquire(leader).await?;
         self.call::<ForwardProtocol>(|tx| {
             Command::Forward(leader, ForwardRequest::Write(request), tx)
         })
