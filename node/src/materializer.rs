@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use synod_chunker::Manifest;
 use synod_consensus::{Change, Entry, EntryKind, NodeId, NsPath};
 use synod_merkle::{diff_trees, Hash, MerkleTree, TreeSource};
@@ -137,8 +138,24 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     // source before the source's tombstone removes them.
     let (live, dead): (Vec<Change>, Vec<Change>) =
         changes.into_iter().partition(|c| c.entry.is_live());
-    for c in &live {
-        materialize_entry(node, &c.path, &c.entry)
+    // Content is assembled ahead, several files at once (their fetches and
+    // fsyncs overlap), and placed in feed order below.
+    let wanted: Vec<bool> = live.iter().map(|c| worth_prefetching(node, c)).collect();
+    let mut ready = prefetch(
+        node,
+        live.iter()
+            .zip(&wanted)
+            .filter(|(_, w)| **w)
+            .map(|(c, _)| c.clone())
+            .collect(),
+    );
+    for (c, wanted) in live.iter().zip(wanted) {
+        let assembled = if wanted {
+            ready.recv().await.and_then(Result::ok)
+        } else {
+            None
+        };
+        materialize_entry(node, &c.path, &c.entry, Assembled(assembled))
             .await
             .map_err(|e| MaterializeError::At {
                 path: c.path.to_string(),
@@ -154,6 +171,66 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     }
     set_watermark(node, through).await?;
     Ok(true)
+}
+
+/// Files whose content assemblies run ahead of placement at once.
+const ASSEMBLE_AHEAD: usize = 6;
+
+/// Whether `c` is a file this node will most likely have to assemble.
+fn worth_prefetching<N: PeerNet>(node: &SyncNode<N>, c: &Change) -> bool {
+    if c.entry.kind != EntryKind::File {
+        return false;
+    }
+    let uploaded = node
+        .uploads
+        .lock()
+        .expect("uploads lock poisoned")
+        .contains_key(&c.entry.root);
+    match node.local.file(c.path.as_str()) {
+        _ if uploaded => false,
+        Ok(Some(l)) => l.version < c.entry.version && l.root != c.entry.root,
+        Ok(None) => true,
+        Err(_) => false,
+    }
+}
+
+/// Assembles the content of `changes` in the background, at most
+/// [`ASSEMBLE_AHEAD`] at once, and hands the results over in order.
+/// Dropping the receiver stops it; what it assembled is removed.
+fn prefetch<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    changes: Vec<Change>,
+) -> tokio::sync::mpsc::Receiver<Result<(PathBuf, Manifest), MaterializeError>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(ASSEMBLE_AHEAD);
+    let node = node.clone();
+    tokio::spawn(async move {
+        let node = &node;
+        let mut results = futures::stream::iter(changes)
+            .map(|c| async move {
+                let local = node.local.file(c.path.as_str()).ok().flatten();
+                assemble(node, &c.path, &c.entry, local.as_ref()).await
+            })
+            .buffered(ASSEMBLE_AHEAD);
+        while let Some(result) = results.next().await {
+            if let Err(tokio::sync::mpsc::error::SendError(unused)) = tx.send(result).await {
+                drop(Assembled(unused.ok()));
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Content assembled ahead for one entry; its temp file is removed unless
+/// the entry takes it.
+pub(crate) struct Assembled(pub(crate) Option<(PathBuf, Manifest)>);
+
+impl Drop for Assembled {
+    fn drop(&mut self) {
+        if let Some((tmp, _)) = self.0.take() {
+            let _ = std::fs::remove_file(tmp);
+        }
+    }
 }
 
 async fn set_watermark<N: PeerNet>(node: &SyncNode<N>, w: u64) -> Result<(), MaterializeError> {
@@ -172,6 +249,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     path: &NsPath,
     entry: &Entry,
+    mut assembled: Assembled,
 ) -> Result<(), MaterializeError> {
     let target = node.folder.join(path.as_str());
     let local = node
@@ -233,7 +311,10 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
                 .ok_or(MaterializeError::NoManifest { root: entry.root })?;
             (tmp, manifest)
         }
-        None => assemble(node, path, entry, local.as_ref()).await?,
+        None => match assembled.0.take() {
+            Some(ready) => ready,
+            None => assemble(node, path, entry, local.as_ref()).await?,
+        },
     };
     // Held across the replace: a write that lands between the check below
     // and the rename still reaches this inode, and is rescued from it.
@@ -530,6 +611,8 @@ async fn assemble<N: PeerNet>(
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
     let mut out =
         std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    // Removed if this is cancelled half way (a prefetch that is dropped).
+    let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
     let mut lens = Vec::with_capacity(ids.len());
     let result = async {
         for window in ids.chunks(BATCH_CHUNKS * 16) {
@@ -564,16 +647,21 @@ async fn assemble<N: PeerNet>(
         Ok(manifest)
     }
     .await;
-    match result {
-        Ok(m) => {
-            node.local
-                .put_manifest(&m)
-                .map_err(|e| MaterializeError::Local(e.to_string()))?;
-            Ok((tmp, m))
-        }
-        Err(e) => {
-            let _ = std::fs::remove_file(&tmp);
-            Err(e)
+    let m = result?;
+    node.local
+        .put_manifest(&m)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    unfinished.0 = None;
+    Ok((tmp, m))
+}
+
+/// A temp file that is removed when this is dropped, unless taken.
+struct RemoveOnDrop(Option<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(tmp) = self.0.take() {
+            let _ = std::fs::remove_file(tmp);
         }
     }
 }
