@@ -565,7 +565,7 @@ async fn prepare<N: PeerNet>(
         .collect();
     report.unsettled += unsettled;
     // First every file is chunked (in parallel)...
-    let chunked: Vec<(Op, Result<Option<(Manifest, PathBuf)>, NodeError>)> = stream::iter(ready)
+    let chunked: Vec<(Op, Content)> = stream::iter(ready)
         .map(|op| async move {
             let content = match &op {
                 Op::Put { found, .. } => match found.kind {
@@ -689,6 +689,9 @@ async fn prepare<N: PeerNet>(
     Metrics::add(&node.metrics.files_hashed, hashed as u64);
     results
 }
+
+/// A put's content and the file to read it from; `None`: changed while read.
+type Content = Result<Option<(Manifest, PathBuf)>, NodeError>;
 
 /// `replicating`, bounded by the content timeout of `bytes`.
 async fn replicate_within<N: PeerNet>(
