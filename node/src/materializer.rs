@@ -173,8 +173,12 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
     Ok(true)
 }
 
-/// Files whose content assemblies run ahead of placement at once.
-const ASSEMBLE_AHEAD: usize = 6;
+/// Files whose content assemblies run ahead of placement at once: enough
+/// for small files to flow past a large one being assembled. Each holds
+/// at most one gather window (`GATHER_WINDOW` chunks) in memory.
+const ASSEMBLE_AHEAD: usize = 16;
+/// Chunks gathered (read or fetched) at once by one assembly.
+const GATHER_WINDOW: usize = BATCH_CHUNKS * 4;
 
 /// Whether `c` is a file this node will most likely have to assemble.
 fn worth_prefetching<N: PeerNet>(node: &SyncNode<N>, c: &Change) -> bool {
@@ -615,7 +619,7 @@ async fn assemble<N: PeerNet>(
     let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
     let mut lens = Vec::with_capacity(ids.len());
     let result = async {
-        for window in ids.chunks(BATCH_CHUNKS * 16) {
+        for window in ids.chunks(GATHER_WINDOW) {
             let chunks = gather(node, entry, window).await?;
             for bytes in chunks {
                 out.write_all(&bytes)
