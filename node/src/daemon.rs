@@ -178,11 +178,7 @@ impl PeerNet for TransportNet {
         Ok(())
     }
 
-    async fn push_manifests(
-        &self,
-        peer: NodeId,
-        manifests: Vec<Vec<u8>>,
-    ) -> Result<(), PeerError> {
+    async fn push_manifests(&self, peer: NodeId, manifests: Vec<Vec<u8>>) -> Result<(), PeerError> {
         let p = self.peer(peer)?;
         self.handle
             .push_manifests(p, manifests)

@@ -414,7 +414,12 @@ impl<N: PeerNet> SyncNode<N> {
             .buffered(PUSHES_IN_FLIGHT)
             .try_collect::<Vec<()>>();
         futures::try_join!(send_chunks, send_manifests)?;
-        debug!(peer, files = files.len(), pushed = refs.len(), "content replicated");
+        debug!(
+            peer,
+            files = files.len(),
+            pushed = refs.len(),
+            "content replicated"
+        );
         Ok(())
     }
 

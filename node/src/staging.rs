@@ -168,7 +168,8 @@ impl Staging {
     /// Deletes pack `pack` of `size` bytes (no longer indexed).
     fn delete_pack(&self, pack: u64, size: u64) {
         if std::fs::remove_file(self.pack_path(pack)).is_ok() {
-            self.used.fetch_sub(size.min(self.used()), Ordering::Relaxed);
+            self.used
+                .fetch_sub(size.min(self.used()), Ordering::Relaxed);
         }
     }
 
@@ -429,7 +430,10 @@ mod tests {
         assert_eq!(st.get(&Hash::of(&b)).unwrap(), Some(b));
         assert_eq!(st.get(&Hash::of(&a)).unwrap(), Some(a.clone()));
         assert!(!dir.path().join("00000000000000ff.pack").exists());
-        assert_eq!(st.used(), std::fs::metadata(only_pack(dir.path())).unwrap().len());
+        assert_eq!(
+            st.used(),
+            std::fs::metadata(only_pack(dir.path())).unwrap().len()
+        );
         // The pack goes with its last chunk.
         st.remove(&Hash::of(&a));
         assert!(st.contains(&Hash::of(&[2u8; 500])));

@@ -321,7 +321,10 @@ impl Driver {
             let resp = match req {
                 ChunkRequest::Fetch(blob) => serve_fetch(&*services, peer, blob).await,
                 ChunkRequest::PushManifests(list) => {
-                    let list = list.into_iter().map(serde_bytes::ByteBuf::into_vec).collect();
+                    let list = list
+                        .into_iter()
+                        .map(serde_bytes::ByteBuf::into_vec)
+                        .collect();
                     match services.store_manifests(peer, list).await {
                         Ok(()) => ChunkResponse::Stored,
                         Err(e) => ChunkResponse::Refused(e.0),

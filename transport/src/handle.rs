@@ -405,7 +405,10 @@ impl TransportHandle {
         manifests: Vec<Vec<u8>>,
     ) -> Result<(), RequestError> {
         let req = ChunkRequest::PushManifests(
-            manifests.into_iter().map(serde_bytes::ByteBuf::from).collect(),
+            manifests
+                .into_iter()
+                .map(serde_bytes::ByteBuf::from)
+                .collect(),
         );
         let resp = self
             .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
