@@ -281,6 +281,9 @@ impl<N: PeerNet> SyncNode<N> {
                         return Ok(holders);
                     }
                 }
+                // A file of ours could not be read as chunked: no peer
+                // will do better.
+                Err(e @ NodeError::Internal(_)) => return Err(e),
                 Err(e) => {
                     warn!(peer, files = files.len(), cause = %e, "content push failed");
                     failures.push(e.to_string());
@@ -384,26 +387,36 @@ impl<N: PeerNet> SyncNode<N> {
         let send_chunks = futures::stream::iter(batches)
             .map(|(batch, bytes)| async move {
                 let chunks = tokio::task::spawn_blocking(
-                    move || -> std::io::Result<Vec<(Hash, Vec<u8>)>> {
+                    move || -> Result<Vec<(Hash, Vec<u8>)>, NodeError> {
                         let mut open: Option<(PathBuf, std::fs::File)> = None;
                         batch
                             .into_iter()
                             .map(|(path, c)| {
+                                let unreadable = |e: std::io::Error| {
+                                    NodeError::Internal(format!("reading {}: {e}", path.display()))
+                                };
                                 if open.as_ref().is_none_or(|(p, _)| *p != path) {
-                                    let f = std::fs::File::open(&path)?;
-                                    open = Some((path, f));
+                                    let f = std::fs::File::open(&path).map_err(unreadable)?;
+                                    open = Some((path.clone(), f));
                                 }
                                 let (_, f) = open.as_ref().expect("just opened");
                                 let mut buf = vec![0u8; c.len as usize];
-                                f.read_exact_at(&mut buf, c.offset)?;
+                                f.read_exact_at(&mut buf, c.offset).map_err(unreadable)?;
+                                // Changed since it was chunked: sending it
+                                // would only get this node reported.
+                                if Hash::of(&buf) != c.id {
+                                    return Err(NodeError::Internal(format!(
+                                        "{} changed since it was chunked",
+                                        path.display()
+                                    )));
+                                }
                                 Ok((c.id, buf))
                             })
                             .collect()
                     },
                 )
                 .await
-                .map_err(|e| NodeError::internal("reading upload", e))?
-                .map_err(|e| NodeError::internal("reading upload", e))?;
+                .map_err(|e| NodeError::internal("reading upload", e))??;
                 self.net
                     .push_chunks(peer, chunks)
                     .await
@@ -709,7 +722,7 @@ impl<N: PeerNet> SyncNode<N> {
         for manifest in &manifests {
             self.local
                 .put_manifest(manifest)
-                .map_err(|e| format!("storing manifest: {e}"))?;
+                .map_err(|e| format!("storing manifest {}: {e}", manifest.root()))?;
         }
         self.local
             .flush()

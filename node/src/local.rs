@@ -58,7 +58,11 @@ pub struct LocalState {
     pending: sled::Tree,
     in_doubt: sled::Tree,
     index: ChunkIndex,
+    /// Group commit of [`LocalState::flush`]: tickets taken, and the
+    /// highest ticket a completed flush covers.
     flushing: std::sync::Arc<tokio::sync::Mutex<()>>,
+    flush_tickets: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    flushed_upto: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// sled's data file (`<dir>/db`): sled's own flush waits with
     /// `sync_file_range`, which is not an fsync (see
     /// `synod_consensus::NodeStorage`), so [`LocalState::flush`] adds one.
@@ -128,6 +132,8 @@ impl LocalState {
             pending: db.open_tree(PENDING)?,
             in_doubt: db.open_tree(IN_DOUBT)?,
             flushing: Default::default(),
+            flush_tickets: Default::default(),
+            flushed_upto: Default::default(),
             index: ChunkIndex::with_db(&db)?,
             db,
         })
@@ -272,7 +278,16 @@ impl LocalState {
     pub async fn flush(&self) -> Result<(), LocalStateError> {
         // One flush at a time (the next finds little left to write), and off
         // sled's thread pool (see `synod_consensus::NodeStorage`).
+        use std::sync::atomic::Ordering::SeqCst;
+        // Everything this caller recorded precedes its ticket. A flush that
+        // read the ticket count after it was taken covers it: concurrent
+        // callers share one flush instead of queueing one each.
+        let ticket = self.flush_tickets.fetch_add(1, SeqCst) + 1;
         let _one = self.flushing.lock().await;
+        if self.flushed_upto.load(SeqCst) >= ticket {
+            return Ok(());
+        }
+        let covers = self.flush_tickets.load(SeqCst);
         let db = self.db.clone();
         let file = self.data_file.clone();
         tokio::task::spawn_blocking(move || -> Result<(), sled::Error> {
@@ -282,6 +297,7 @@ impl LocalState {
         })
         .await
         .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))??;
+        self.flushed_upto.fetch_max(covers, SeqCst);
         Ok(())
     }
 }

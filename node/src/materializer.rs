@@ -150,12 +150,18 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
             .collect(),
     );
     for (c, wanted) in live.iter().zip(wanted) {
-        let assembled = if wanted {
-            ready.recv().await.and_then(Result::ok)
-        } else {
-            None
+        let assembled = match wanted {
+            true => match ready.recv().await {
+                Some(Ok(a)) => a,
+                Some(Err(e)) => {
+                    debug!(path = %c.path, cause = %e, "assembly ahead failed; tried again in order");
+                    Assembled(None)
+                }
+                None => Assembled(None),
+            },
+            false => Assembled(None),
         };
-        materialize_entry(node, &c.path, &c.entry, Assembled(assembled))
+        materialize_entry(node, &c.path, &c.entry, assembled)
             .await
             .map_err(|e| MaterializeError::At {
                 path: c.path.to_string(),
@@ -200,11 +206,12 @@ fn worth_prefetching<N: PeerNet>(node: &SyncNode<N>, c: &Change) -> bool {
 
 /// Assembles the content of `changes` in the background, at most
 /// [`ASSEMBLE_AHEAD`] at once, and hands the results over in order.
-/// Dropping the receiver stops it; what it assembled is removed.
+/// Dropping the receiver stops it; what it assembled is removed (an
+/// [`Assembled`] removes its temp file when dropped, in the channel too).
 fn prefetch<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     changes: Vec<Change>,
-) -> tokio::sync::mpsc::Receiver<Result<(PathBuf, Manifest), MaterializeError>> {
+) -> tokio::sync::mpsc::Receiver<Result<Assembled, MaterializeError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(ASSEMBLE_AHEAD);
     let node = node.clone();
     tokio::spawn(async move {
@@ -212,12 +219,13 @@ fn prefetch<N: PeerNet>(
         let mut results = futures::stream::iter(changes)
             .map(|c| async move {
                 let local = node.local.file(c.path.as_str()).ok().flatten();
-                assemble(node, &c.path, &c.entry, local.as_ref()).await
+                assemble(node, &c.path, &c.entry, local.as_ref())
+                    .await
+                    .map(|a| Assembled(Some(a)))
             })
             .buffered(ASSEMBLE_AHEAD);
         while let Some(result) = results.next().await {
-            if let Err(tokio::sync::mpsc::error::SendError(unused)) = tx.send(result).await {
-                drop(Assembled(unused.ok()));
+            if tx.send(result).await.is_err() {
                 break;
             }
         }
@@ -627,7 +635,13 @@ async fn assemble<N: PeerNet>(
                 lens.push(bytes.len() as u32);
             }
         }
-        out.sync_all()
+        // Off the runtime: assemblies running ahead overlap their fsyncs.
+        let file = out
+            .try_clone()
+            .map_err(io_err(format!("fsync {}", tmp.display())))?;
+        tokio::task::spawn_blocking(move || file.sync_all())
+            .await
+            .map_err(|e| MaterializeError::Local(format!("fsync task: {e}")))?
             .map_err(io_err(format!("fsync {}", tmp.display())))?;
         let mut blob = Vec::with_capacity(ids.len() * 32);
         for id in &ids {

@@ -149,6 +149,17 @@ pub struct ScanReport {
     pub unsettled: usize,
 }
 
+impl ScanReport {
+    /// Adds the counts of a part of the scan (`files` is the walk's own).
+    fn absorb(&mut self, part: &ScanReport) {
+        self.hashed += part.hashed;
+        self.committed += part.committed;
+        self.conflicts += part.conflicts;
+        self.pending += part.pending;
+        self.unsettled += part.unsettled;
+    }
+}
+
 /// Runs until `shutdown` fires.
 pub async fn run<N: PeerNet>(
     node: Arc<SyncNode<N>>,
@@ -357,10 +368,36 @@ pub async fn scan<N: PeerNet>(
         );
         ka.cmp(&kb)
     });
-    let mut batches = ops.chunks(256);
+    // Large files go in a lane of their own, one at a time, so the many
+    // small ones are not held up behind their transfer.
+    let (large, small): (Vec<Op>, Vec<Op>) = ops.into_iter().partition(
+        |op| matches!(op, Op::Put { found, .. } if found.kind == EntryKind::File && found.size > LARGE_FILE),
+    );
+    let mut large_report = ScanReport::default();
+    let (small_done, large_done) = futures::join!(
+        commit_in_batches(node, small, 256, &mut report),
+        commit_in_batches(node, large, 1, &mut large_report)
+    );
+    report.absorb(&large_report);
+    small_done.and(large_done)?;
+    Ok(report)
+}
+
+/// Files above this size are prepared and committed apart from the others.
+const LARGE_FILE: u64 = 16 << 20;
+
+/// Prepares and commits `ops` in batches of `size`, in order; once a batch
+/// finds no quorum the rest are journaled without being tried.
+async fn commit_in_batches<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    ops: Vec<Op>,
+    size: usize,
+    report: &mut ScanReport,
+) -> Result<(), NodeError> {
+    let mut batches = ops.chunks(size);
     while let Some(batch) = batches.next() {
-        let prepared = prepare(node, batch.to_vec(), &mut report).await;
-        if commit(node, prepared, &mut report).await? {
+        let prepared = prepare(node, batch.to_vec(), report).await;
+        if commit(node, prepared, report).await? {
             // No quorum: journal the rest without trying each one.
             for op in batches.by_ref().flatten() {
                 journal(node, op, "no quorum".into())?;
@@ -368,7 +405,7 @@ pub async fn scan<N: PeerNet>(
             }
         }
     }
-    Ok(report)
+    Ok(())
 }
 
 /// What was left out of a walk and why, reported once per path.

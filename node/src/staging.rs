@@ -54,8 +54,12 @@ struct Pack {
 }
 
 impl Index {
-    /// Forgets `id`; returns the pack to delete if it was its last chunk.
-    fn forget(&mut self, id: &Hash) -> Option<(u64, u64)> {
+    /// Forgets `id` (only if it is still held in pack `only_in`, when
+    /// given); returns the pack to delete if it was its last chunk.
+    fn forget(&mut self, id: &Hash, only_in: Option<u64>) -> Option<(u64, u64)> {
+        if only_in.is_some_and(|p| self.chunks.get(id).is_some_and(|s| s.pack != p)) {
+            return None;
+        }
         let slot = self.chunks.remove(id)?;
         let pack = self.packs.get_mut(&slot.pack)?;
         pack.live.retain(|c| c != id);
@@ -90,10 +94,15 @@ impl Staging {
             index: Arc::new(Mutex::new(Index::default())),
         };
         let mut used = 0;
+        let mut legacy = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = entry?;
             let path = entry.path();
             let meta = entry.metadata()?;
+            if let Some(id) = legacy_chunk(&path) {
+                legacy.push((id, path));
+                continue;
+            }
             let Some(pack) = pack_number(&path) else {
                 // Temp files of pushes cut off half way: counted until swept.
                 used += meta.len();
@@ -115,7 +124,39 @@ impl Staging {
             }
         }
         staging.used.store(used, Ordering::Relaxed);
+        staging.import_legacy(legacy)?;
         Ok(staging)
+    }
+
+    /// Moves chunks staged one file per chunk (the layout before packs)
+    /// into one pack; a file whose bytes do not match its name is dropped.
+    fn import_legacy(&self, files: Vec<(Hash, PathBuf)>) -> io::Result<()> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let mut chunks = Vec::new();
+        for (id, path) in &files {
+            let bytes = std::fs::read(path)?;
+            if Hash::of(&bytes) == *id {
+                chunks.push((*id, bytes));
+            } else {
+                tracing::warn!(chunk = %id.fmt_short(), "staged chunk is corrupt; removed");
+            }
+        }
+        // Budget-free: these were accepted before; the pack replaces them.
+        let limit = u64::MAX;
+        let unlimited = Staging {
+            limit,
+            ..self.clone()
+        };
+        for part in chunks.chunks(256) {
+            unlimited.put_many(part)?;
+        }
+        self.sync_dir()?;
+        for (_, path) in files {
+            std::fs::remove_file(path)?;
+        }
+        self.sync_dir()
     }
 
     /// Indexes the chunks of pack `pack`; false if it holds none not held
@@ -167,7 +208,8 @@ impl Staging {
 
     /// Deletes pack `pack` of `size` bytes (no longer indexed).
     fn delete_pack(&self, pack: u64, size: u64) {
-        if std::fs::remove_file(self.pack_path(pack)).is_ok() {
+        let removed = std::fs::remove_file(self.pack_path(pack));
+        if removed.is_ok() || removed.is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
             self.used
                 .fetch_sub(size.min(self.used()), Ordering::Relaxed);
         }
@@ -270,14 +312,14 @@ impl Staging {
                 ) =>
             {
                 tracing::warn!(chunk = %id.fmt_short(), cause = %e, "staged chunk is gone; forgotten");
-                self.remove(id);
+                self.forget_in(id, slot.pack);
                 return Ok(None);
             }
             Err(e) => return Err(e),
         };
         if Hash::of(&bytes) != *id {
             tracing::warn!(chunk = %id.fmt_short(), "staged chunk is corrupt; forgotten");
-            self.remove(id);
+            self.forget_in(id, slot.pack);
             return Ok(None);
         }
         Ok(Some(bytes))
@@ -285,7 +327,16 @@ impl Staging {
 
     /// Forgets chunk `id`; its pack goes with its last chunk.
     pub fn remove(&self, id: &Hash) {
-        let gone = self.lock().forget(id);
+        let gone = self.lock().forget(id, None);
+        if let Some((pack, size)) = gone {
+            self.delete_pack(pack, size);
+        }
+    }
+
+    /// Forgets `id` as held in `pack` (a bad copy), not a copy another push
+    /// stored since.
+    fn forget_in(&self, id: &Hash, pack: u64) {
+        let gone = self.lock().forget(id, Some(pack));
         if let Some((pack, size)) = gone {
             self.delete_pack(pack, size);
         }
@@ -330,6 +381,20 @@ impl Staging {
         }
         Ok(removed)
     }
+}
+
+/// The id of a chunk staged in a file of its own (named by its id).
+fn legacy_chunk(path: &Path) -> Option<Hash> {
+    let name = path.file_name()?.to_str()?;
+    if name.len() != 64 {
+        return None;
+    }
+    let mut bytes = [0u8; 32];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = u8::from_str_radix(name.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    let id = Hash::from_bytes(bytes);
+    (id.to_string() == name).then_some(id)
 }
 
 /// The number of a pack file, from its name.
@@ -440,6 +505,21 @@ mod tests {
         st.remove(&Hash::of(&[2u8; 500]));
         assert_eq!(st.used(), 0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn chunks_staged_one_file_each_are_moved_into_a_pack() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = vec![7u8; 300];
+        std::fs::write(dir.path().join(Hash::of(&good).to_string()), &good).unwrap();
+        let rotten = Hash::of(b"expected bytes");
+        std::fs::write(dir.path().join(rotten.to_string()), b"other bytes").unwrap();
+        let st = Staging::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(st.get(&Hash::of(&good)).unwrap(), Some(good));
+        assert!(!st.contains(&rotten));
+        let pack = only_pack(dir.path());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(st.used(), std::fs::metadata(pack).unwrap().len());
     }
 
     #[test]

@@ -320,6 +320,12 @@ impl Driver {
         self.spawn_answer(peer, ChunkProtocol::NAME, async move {
             let resp = match req {
                 ChunkRequest::Fetch(blob) => serve_fetch(&*services, peer, blob).await,
+                ChunkRequest::PushManifest(bytes) => {
+                    match services.store_manifests(peer, vec![bytes]).await {
+                        Ok(()) => ChunkResponse::Stored,
+                        Err(e) => ChunkResponse::Refused(e.0),
+                    }
+                }
                 ChunkRequest::PushManifests(list) => {
                     let list = list
                         .into_iter()

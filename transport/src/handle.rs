@@ -94,8 +94,9 @@ pub struct TransportHandle {
     metrics: Arc<TransportMetrics>,
     raft: RaftSlot,
     bulk: Arc<BulkSlots>,
-    /// Forwarded writes in flight per leader: below the receiver's inbound
-    /// stream limit, beyond which libp2p drops the stream unanswered.
+    /// Forwarded writes and reads in flight per leader: below the
+    /// receiver's inbound stream limit, beyond which libp2p drops the
+    /// stream unanswered.
     forwards: Arc<BulkSlots>,
 }
 
@@ -271,13 +272,14 @@ impl TransportHandle {
             .await
     }
 
-    /// Forwards a client write to `leader` and returns its answer.
     /// Asks `leader` for its read index.
     pub async fn read_index(&self, leader: PeerId) -> Result<ForwardResponse, RequestError> {
+        let _slot = self.forwards.acquire(leader).await?;
         self.call::<ForwardProtocol>(|tx| Command::Forward(leader, ForwardRequest::ReadIndex, tx))
             .await
     }
 
+    /// Forwards a client write to `leader` and returns its answer.
     pub async fn forward_write(
         &self,
         leader: PeerId,

@@ -233,13 +233,16 @@ pub enum ChunkRequest {
     Fetch(HashBlob),
     /// Store these chunks durably before answering.
     Push(Vec<ChunkData>),
-    /// Store these file manifests (their encodings, as `synod-chunker`
-    /// writes them) durably, with one sync for the lot: holders of a
-    /// write's chunks must also hold their order.
-    PushManifests(Vec<serde_bytes::ByteBuf>),
+    /// Store this file manifest (its encoding, as `synod-chunker` writes
+    /// it) durably: holders of a write's chunks must also hold their order.
+    /// (Sent by earlier versions; [`ChunkRequest::PushManifests`] now.)
+    PushManifest(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Which of these chunks (at most [`MAX_MISSING_QUERY`]) do you lack?
     /// Lets a writer push only what a peer does not hold.
     Missing(HashBlob),
+    /// Store these file manifests durably, with one sync for the lot.
+    /// (Last, so the variants before it keep their wire tags.)
+    PushManifests(Vec<serde_bytes::ByteBuf>),
 }
 
 /// One chunk on the wire.
