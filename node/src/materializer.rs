@@ -155,11 +155,11 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
                 Some(Ok(a)) => a,
                 Some(Err(e)) => {
                     debug!(path = %c.path, cause = %e, "assembly ahead failed; tried again in order");
-                    Assembled(None)
+                    Assembled::none()
                 }
-                None => Assembled(None),
+                None => Assembled::none(),
             },
-            false => Assembled(None),
+            false => Assembled::none(),
         };
         materialize_entry(node, &c.path, &c.entry, assembled)
             .await
@@ -183,6 +183,9 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<bool, MaterializeEr
 /// for small files to flow past a large one being assembled. Each holds
 /// at most one gather window (`GATHER_WINDOW` chunks) in memory.
 const ASSEMBLE_AHEAD: usize = 16;
+/// Assembled bytes allowed ahead of placement, in MiB (a larger file
+/// takes the whole budget): temp files must not fill the disk.
+const AHEAD_MIB: u64 = 512;
 /// Chunks gathered (read or fetched) at once by one assembly.
 const GATHER_WINDOW: usize = BATCH_CHUNKS * 4;
 
@@ -214,14 +217,27 @@ fn prefetch<N: PeerNet>(
 ) -> tokio::sync::mpsc::Receiver<Result<Assembled, MaterializeError>> {
     let (tx, rx) = tokio::sync::mpsc::channel(ASSEMBLE_AHEAD);
     let node = node.clone();
+    // Permits are taken in order (the semaphore is fair) and given back
+    // when the entry is placed, so the head of the line always gets its own.
+    let budget = Arc::new(tokio::sync::Semaphore::new(AHEAD_MIB as usize));
     tokio::spawn(async move {
         let node = &node;
+        let budget = &budget;
         let mut results = futures::stream::iter(changes)
             .map(|c| async move {
+                let mib = c.entry.size.div_ceil(1 << 20).clamp(1, AHEAD_MIB) as u32;
+                let permit = budget
+                    .clone()
+                    .acquire_many_owned(mib)
+                    .await
+                    .map_err(|e| MaterializeError::Local(format!("assembly budget: {e}")))?;
                 let local = node.local.file(c.path.as_str()).ok().flatten();
                 assemble(node, &c.path, &c.entry, local.as_ref())
                     .await
-                    .map(|a| Assembled(Some(a)))
+                    .map(|a| Assembled {
+                        ready: Some(a),
+                        _budget: Some(permit),
+                    })
             })
             .buffered(ASSEMBLE_AHEAD);
         while let Some(result) = results.next().await {
@@ -234,12 +250,25 @@ fn prefetch<N: PeerNet>(
 }
 
 /// Content assembled ahead for one entry; its temp file is removed unless
-/// the entry takes it.
-pub(crate) struct Assembled(pub(crate) Option<(PathBuf, Manifest)>);
+/// the entry takes it, and its share of the budget is given back with it.
+pub(crate) struct Assembled {
+    ready: Option<(PathBuf, Manifest)>,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Assembled {
+    /// Nothing assembled ahead: the entry assembles its content itself.
+    pub(crate) fn none() -> Assembled {
+        Assembled {
+            ready: None,
+            _budget: None,
+        }
+    }
+}
 
 impl Drop for Assembled {
     fn drop(&mut self) {
-        if let Some((tmp, _)) = self.0.take() {
+        if let Some((tmp, _)) = self.ready.take() {
             let _ = std::fs::remove_file(tmp);
         }
     }
@@ -323,7 +352,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
                 .ok_or(MaterializeError::NoManifest { root: entry.root })?;
             (tmp, manifest)
         }
-        None => match assembled.0.take() {
+        None => match assembled.ready.take() {
             Some(ready) => ready,
             None => assemble(node, path, entry, local.as_ref()).await?,
         },

@@ -159,9 +159,14 @@ async fn repair<N: PeerNet>(node: &Arc<SyncNode<N>>, path: &str) -> Result<(), S
     }
     std::fs::rename(&abs, &aside).map_err(|e| format!("moving {path} aside: {e}"))?;
     node.local.forget_file(path).map_err(|e| e.to_string())?;
-    crate::materializer::materialize_entry(node, &ns, &entry, crate::materializer::Assembled(None))
-        .await
-        .map_err(|e| e.to_string())?;
+    crate::materializer::materialize_entry(
+        node,
+        &ns,
+        &entry,
+        crate::materializer::Assembled::none(),
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     info!(path = %path, kept = %aside.display(), "repaired from peers");
     Ok(())
 }
