@@ -178,6 +178,24 @@ pub fn addresses(id: u64, net: NetMode) -> (String, String) {
     }
 }
 
+/// Waits up to `grace` in all for `children` (already signalled to stop)
+/// to exit, then SIGKILLs and reaps what is left.
+pub fn reap(children: impl IntoIterator<Item = std::process::Child>, grace: Duration) {
+    let deadline = Instant::now() + grace;
+    for mut c in children {
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if let Ok(None) = c.try_wait() {
+            let _ = c.kill();
+        }
+        let _ = c.wait();
+    }
+}
+
 impl Cluster {
     /// Writes the config, runs `synod init` per node, starts every node and
     /// forms the cluster (POST /v1/cluster/init until it answers 200).
@@ -532,21 +550,10 @@ impl Cluster {
                 let _ = kill(pid, Signal::SIGTERM);
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for n in &mut self.nodes {
-            if let Some(mut c) = n.child.take() {
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = c.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                if let Ok(None) = c.try_wait() {
-                    let _ = c.kill();
-                    let _ = c.wait();
-                }
-            }
-        }
+        reap(
+            self.nodes.iter_mut().filter_map(|n| n.child.take()),
+            Duration::from_secs(5),
+        );
         self.unmount();
     }
 

@@ -73,7 +73,8 @@ counters! {
     bytes_received_pushed,
     /// Chunks fetched from peers and verified.
     chunks_fetched,
-    /// Chunks a peer sent with bytes that did not match their id.
+    /// Fetched chunks whose bytes did not match their id (pushed ones are
+    /// refused, and their sender reported, by the transport).
     chunks_rejected,
     /// Chunks found locally (dedup) instead of fetched.
     chunks_local,

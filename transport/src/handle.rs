@@ -93,23 +93,24 @@ pub struct TransportHandle {
     listen_addrs: Arc<Vec<Multiaddr>>,
     metrics: Arc<TransportMetrics>,
     raft: RaftSlot,
-    bulk: Arc<BulkSlots>,
+    bulk: Arc<PeerSlots>,
     /// Forwarded writes and reads in flight per leader: below the
     /// receiver's inbound stream limit, beyond which libp2p drops the
     /// stream unanswered.
-    forwards: Arc<BulkSlots>,
+    forwards: Arc<PeerSlots>,
 }
 
-/// Per-peer budget of chunk requests in flight. Chunk batches share the
-/// connection's QUIC flow-control window with Raft; keeping them well below
-/// it means a heartbeat never waits for window credit behind bulk data.
+/// A per-peer budget of requests in flight. For chunk batches: they share
+/// the connection's QUIC flow-control window with Raft, and keeping them
+/// well below it means a heartbeat never waits for window credit behind
+/// bulk data. For forwarded requests: see `forwards`.
 #[derive(Debug)]
-struct BulkSlots {
+struct PeerSlots {
     per_peer: usize,
     slots: Mutex<HashMap<PeerId, Arc<Semaphore>>>,
 }
 
-impl BulkSlots {
+impl PeerSlots {
     async fn acquire(&self, peer: PeerId) -> Result<OwnedSemaphorePermit, RequestError> {
         let sem = {
             let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
@@ -169,11 +170,11 @@ pub async fn start_transport(
     tracing::info!(peer = %local_peer_id, listen = ?listen_addrs, "transport started");
     let raft: RaftSlot = Arc::new(RwLock::new(None));
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-    let bulk = Arc::new(BulkSlots {
+    let bulk = Arc::new(PeerSlots {
         per_peer: config.chunk_requests_per_peer.max(1),
         slots: Mutex::new(HashMap::new()),
     });
-    let forwards = Arc::new(BulkSlots {
+    let forwards = Arc::new(PeerSlots {
         per_peer: (config.max_concurrent_streams / 2).max(1),
         slots: Mutex::new(HashMap::new()),
     });

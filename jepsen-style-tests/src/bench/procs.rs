@@ -72,19 +72,10 @@ impl Procs {
                 let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
             }
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        for (_, mut c) in self.children.drain(..) {
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            if let Ok(None) = c.try_wait() {
-                let _ = c.kill();
-            }
-            let _ = c.wait();
-        }
+        crate::cluster::reap(
+            self.children.drain(..).map(|(_, c)| c),
+            Duration::from_secs(5),
+        );
     }
 }
 
