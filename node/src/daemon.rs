@@ -18,8 +18,8 @@ use synod_consensus::{
 };
 use synod_merkle::{Hash, MerkleTree};
 use synod_transport::{
-    start_transport, ChunkData, ForwardResponse, Multiaddr, P2pRaftNetwork, PeerId, ServiceError,
-    Services, TransportConfig, TransportHandle,
+    start_transport, Bytes, ChunkData, ForwardResponse, Multiaddr, P2pRaftNetwork, PeerId,
+    RequestError, ServiceError, Services, TransportConfig, TransportHandle,
 };
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -139,14 +139,15 @@ impl PeerNet for TransportNet {
         &self,
         peer: NodeId,
         ids: Vec<Hash>,
-    ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
+    ) -> Result<Vec<Option<Bytes>>, PeerError> {
         let p = self.peer(peer)?;
-        let got = self
-            .handle
-            .fetch_chunks(p, &ids)
-            .await
-            .map_err(|e| PeerError::new(peer, e))?;
-        let bytes: usize = got.iter().flatten().map(Vec::len).sum();
+        let got = self.handle.fetch_chunks(p, &ids).await.map_err(|e| {
+            if matches!(e, RequestError::BadChunk { .. }) {
+                Metrics::add(&self.metrics.chunks_rejected, 1);
+            }
+            PeerError::new(peer, e)
+        })?;
+        let bytes: usize = got.iter().flatten().map(Bytes::len).sum();
         self.metrics.peer_traffic.received(peer, bytes as u64);
         Ok(got)
     }
@@ -159,11 +160,7 @@ impl PeerNet for TransportNet {
             .map_err(|e| PeerError::new(peer, e))
     }
 
-    async fn push_chunks(
-        &self,
-        peer: NodeId,
-        chunks: Vec<(Hash, Vec<u8>)>,
-    ) -> Result<(), PeerError> {
+    async fn push_chunks(&self, peer: NodeId, chunks: Vec<(Hash, Bytes)>) -> Result<(), PeerError> {
         let p = self.peer(peer)?;
         let bytes: usize = chunks.iter().map(|(_, b)| b.len()).sum();
         let chunks = chunks
@@ -314,12 +311,15 @@ impl Services for NodeServices {
         &self,
         peer: PeerId,
         ids: Vec<Hash>,
-    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+    ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, ServiceError>> {
         async move {
             let node = self.node()?.clone();
             tokio::task::spawn_blocking(move || {
-                let out: Vec<Option<Vec<u8>>> = ids.iter().map(|id| node.serve_chunk(id)).collect();
-                let bytes: usize = out.iter().flatten().map(Vec::len).sum();
+                let out: Vec<Option<Bytes>> = ids
+                    .iter()
+                    .map(|id| node.serve_chunk(id).map(Bytes::from))
+                    .collect();
+                let bytes: usize = out.iter().flatten().map(Bytes::len).sum();
                 Metrics::add(&node.metrics.bytes_served, bytes as u64);
                 if let Some(to) = node.net.node_of(&peer) {
                     node.metrics.peer_traffic.sent(to, bytes as u64);
@@ -340,7 +340,7 @@ impl Services for NodeServices {
         async move {
             let node = self.node()?.clone();
             tokio::task::spawn_blocking(move || {
-                let pairs: Vec<(Hash, Vec<u8>)> =
+                let pairs: Vec<(Hash, Bytes)> =
                     chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
                 node.store_pushed(&pairs)?;
                 if let Some(from) = node.net.node_of(&peer) {

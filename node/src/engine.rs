@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt, TryStreamExt};
 use synod_chunker::{ChunkParams, ChunkRef, Manifest};
 use synod_consensus::{
@@ -387,7 +388,7 @@ impl<N: PeerNet> SyncNode<N> {
         let send_chunks = futures::stream::iter(batches)
             .map(|(batch, bytes)| async move {
                 let chunks = tokio::task::spawn_blocking(
-                    move || -> Result<Vec<(Hash, Vec<u8>)>, NodeError> {
+                    move || -> Result<Vec<(Hash, Bytes)>, NodeError> {
                         let mut open: Option<(PathBuf, std::fs::File)> = None;
                         batch
                             .into_iter()
@@ -410,7 +411,7 @@ impl<N: PeerNet> SyncNode<N> {
                                         path.display()
                                     )));
                                 }
-                                Ok((c.id, buf))
+                                Ok((c.id, Bytes::from(buf)))
                             })
                             .collect()
                     },
@@ -690,11 +691,11 @@ impl<N: PeerNet> SyncNode<N> {
 
     /// Stores pushed chunks durably. The transport has checked each against
     /// its id (and reported a peer that lied) before they get here.
-    pub fn store_pushed(&self, chunks: &[(Hash, Vec<u8>)]) -> Result<(), String> {
+    pub fn store_pushed<B: AsRef<[u8]>>(&self, chunks: &[(Hash, B)]) -> Result<(), String> {
         self.staging
             .put_many(chunks)
             .map_err(|e| format!("staging {} chunks: {e}", chunks.len()))?;
-        let bytes: usize = chunks.iter().map(|(_, b)| b.len()).sum();
+        let bytes: usize = chunks.iter().map(|(_, b)| b.as_ref().len()).sum();
         Metrics::add(&self.metrics.bytes_received_pushed, bytes as u64);
         self.staging
             .sync_dir()

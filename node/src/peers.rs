@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::ops::Range;
 
+use bytes::Bytes;
 use synod_consensus::{NodeId, Request, Response};
 use synod_merkle::Hash;
 
@@ -25,13 +26,14 @@ impl PeerError {
 }
 
 pub trait PeerNet: Send + Sync + 'static {
-    /// The chunks `ids` from `peer`, `None` for each it lacks. Bytes are
-    /// unverified: callers check every id.
+    /// The chunks `ids` from `peer`, `None` for each it lacks. Every chunk
+    /// returned has been checked against its id: a peer that sent wrong
+    /// bytes is an error (and counted in `chunks_rejected`).
     fn fetch_chunks(
         &self,
         peer: NodeId,
         ids: Vec<Hash>,
-    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, PeerError>> + Send;
+    ) -> impl Future<Output = Result<Vec<Option<Bytes>>, PeerError>> + Send;
 
     /// Which of `ids` `peer` does not hold.
     fn missing_chunks(
@@ -44,7 +46,7 @@ pub trait PeerNet: Send + Sync + 'static {
     fn push_chunks(
         &self,
         peer: NodeId,
-        chunks: Vec<(Hash, Vec<u8>)>,
+        chunks: Vec<(Hash, Bytes)>,
     ) -> impl Future<Output = Result<(), PeerError>> + Send;
 
     /// Stores encoded manifests on `peer`, durable before it answers.

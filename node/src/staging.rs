@@ -221,20 +221,20 @@ impl Staging {
 
     /// Stores `bytes` as chunk `id` durably. The caller has checked the hash.
     pub fn put(&self, id: &Hash, bytes: &[u8]) -> io::Result<()> {
-        self.put_many(&[(*id, bytes.to_vec())])
+        self.put_many(&[(*id, bytes)])
     }
 
     /// Stores every chunk not held yet as one pack, written and fsynced
     /// whole before it is renamed into place. The caller has checked the
     /// hashes; [`Staging::sync_dir`] then makes the rename durable.
-    pub fn put_many(&self, chunks: &[(Hash, Vec<u8>)]) -> io::Result<()> {
-        let mut fresh: Vec<&(Hash, Vec<u8>)> = Vec::new();
+    pub fn put_many<B: AsRef<[u8]>>(&self, chunks: &[(Hash, B)]) -> io::Result<()> {
+        let mut fresh: Vec<(&Hash, &[u8])> = Vec::new();
         {
             let index = self.lock();
             let mut seen = std::collections::HashSet::new();
-            for c in chunks {
-                if !index.chunks.contains_key(&c.0) && seen.insert(c.0) {
-                    fresh.push(c);
+            for (id, bytes) in chunks {
+                if !index.chunks.contains_key(id) && seen.insert(*id) {
+                    fresh.push((id, bytes.as_ref()));
                 }
             }
         }
@@ -265,12 +265,19 @@ impl Staging {
                 head.extend_from_slice(id.as_bytes());
                 head.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
             }
-            let mut f = io::BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
-            f.write_all(&head)?;
-            for (_, bytes) in &fresh {
-                f.write_all(bytes)?;
+            // One vectored write: the chunks go from where they are.
+            let mut f = std::fs::File::create(&tmp)?;
+            let mut slices: Vec<io::IoSlice<'_>> = std::iter::once(io::IoSlice::new(&head))
+                .chain(fresh.iter().map(|(_, b)| io::IoSlice::new(b)))
+                .collect();
+            let mut rest = &mut slices[..];
+            while !rest.is_empty() {
+                let n = f.write_vectored(rest)?;
+                if n == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                io::IoSlice::advance_slices(&mut rest, n);
             }
-            let f = f.into_inner().map_err(io::IntoInnerError::into_error)?;
             f.sync_data()?;
             std::fs::rename(&tmp, self.pack_path(pack))
         })();
@@ -279,7 +286,7 @@ impl Staging {
             let _ = std::fs::remove_file(&tmp);
             return Err(e);
         }
-        let list: Vec<(Hash, u32)> = fresh.iter().map(|(id, b)| (*id, b.len() as u32)).collect();
+        let list: Vec<(Hash, u32)> = fresh.iter().map(|(id, b)| (**id, b.len() as u32)).collect();
         if !self.register(pack, &list, len, SystemTime::now()) {
             // Every chunk arrived meanwhile through another push.
             self.delete_pack(pack, len);

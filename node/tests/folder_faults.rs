@@ -286,7 +286,8 @@ impl synod_transport::Services for NoServices {
         &self,
         _: synod_transport::PeerId,
         ids: Vec<synod_merkle::Hash>,
-    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, synod_transport::ServiceError>> {
+    ) -> BoxFuture<'_, Result<Vec<Option<synod_transport::Bytes>>, synod_transport::ServiceError>>
+    {
         Box::pin(async move { Ok(vec![None; ids.len()]) })
     }
     fn store_chunks(

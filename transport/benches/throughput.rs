@@ -17,7 +17,7 @@ use synod_consensus::Request;
 use synod_merkle::Hash;
 use synod_transport::messages::ForwardResponse;
 use synod_transport::{
-    start_transport, ChunkData, Keypair, PeerId, ServiceError, Services, TransportConfig,
+    start_transport, Bytes, ChunkData, Keypair, PeerId, ServiceError, Services, TransportConfig,
 };
 
 const CHUNK: usize = 64 * 1024;
@@ -31,7 +31,7 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-struct MemChunks(HashMap<Hash, Vec<u8>>);
+struct MemChunks(HashMap<Hash, Bytes>);
 
 impl Services for MemChunks {
     fn tree_top(
@@ -54,7 +54,7 @@ impl Services for MemChunks {
         &self,
         _: PeerId,
         ids: Vec<Hash>,
-    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+    ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, ServiceError>> {
         Box::pin(async move { Ok(ids.iter().map(|id| self.0.get(id).cloned()).collect()) })
     }
     fn store_chunks(
@@ -111,7 +111,7 @@ async fn libp2p_fetch(
         bytes[..8].copy_from_slice(&(i as u64).to_le_bytes());
         let id = Hash::of(&bytes);
         ids.push(id);
-        chunks.insert(id, bytes);
+        chunks.insert(id, Bytes::from(bytes));
     }
     let config = || TransportConfig {
         listen: vec!["/ip4/127.0.0.1/udp/0/quic-v1"

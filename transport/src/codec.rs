@@ -13,6 +13,7 @@ use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use serde::de::DeserializeOwned;
@@ -145,17 +146,26 @@ pub fn encode_frame<T: Serialize>(
     direction: Direction,
     limit: usize,
 ) -> Result<Vec<u8>, CodecError> {
-    let encode_err = |e: bincode::error::EncodeError| CodecError::Encode {
+    encode_gathered(msg, protocol, direction, limit).map(|g| g.to_vec())
+}
+
+/// Encodes `msg` as one frame whose large blobs stay where they are (see
+/// [`blob`]), refusing a body over `limit`.
+pub(crate) fn encode_gathered<T: Serialize>(
+    msg: &T,
+    protocol: &'static str,
+    direction: Direction,
+    limit: usize,
+) -> Result<blob::Gathered, CodecError> {
+    let mut gathered = blob::gather(vec![0u8; HEADER_LEN], || {
+        bincode::serde::encode_into_writer(msg, blob::GatherWriter, bincode::config::standard())
+    })
+    .map_err(|e| CodecError::Encode {
         protocol,
         direction,
         reason: e.to_string(),
-    };
-    // Size first (cheap: byte blobs are counted, not copied), so the frame
-    // is allocated once and an oversized message is refused before copying.
-    let mut size = bincode::enc::write::SizeWriter::default();
-    bincode::serde::encode_into_writer(msg, &mut size, bincode::config::standard())
-        .map_err(encode_err)?;
-    let len = size.bytes_written;
+    })?;
+    let len = gathered.len() - HEADER_LEN;
     if len > limit {
         return Err(CodecError::TooLarge {
             protocol,
@@ -164,15 +174,9 @@ pub fn encode_frame<T: Serialize>(
             limit,
         });
     }
-    let mut buf = Vec::with_capacity(HEADER_LEN + len);
-    buf.extend_from_slice(&[0u8; HEADER_LEN]);
-    bincode::serde::encode_into_std_write(msg, &mut buf, bincode::config::standard())
-        .map_err(encode_err)?;
-    debug_assert_eq!(buf.len(), HEADER_LEN + len);
-    let len = buf.len() - HEADER_LEN;
     let len = u32::try_from(len).expect("limits are below 4 GiB");
-    buf[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
-    Ok(buf)
+    gathered.head[..HEADER_LEN].copy_from_slice(&len.to_be_bytes());
+    Ok(gathered)
 }
 
 /// Checks a frame header against `limit` and returns the body length.
@@ -230,6 +234,17 @@ pub fn decode_frame<T: DeserializeOwned>(
     decode_body(body, protocol, direction, limit)
 }
 
+/// Decodes a received frame body whose length was already checked against
+/// `limit`; its blobs are views of `body`, not copies.
+pub(crate) fn decode_shared<T: DeserializeOwned>(
+    body: &Bytes,
+    protocol: &'static str,
+    direction: Direction,
+    limit: usize,
+) -> Result<T, CodecError> {
+    blob::with_frame(body, || decode_body(body, protocol, direction, limit))
+}
+
 /// Decodes a frame body whose length was already checked against `limit`.
 pub fn decode_body<T: DeserializeOwned>(
     body: &[u8],
@@ -265,7 +280,12 @@ fn decode_limited<T: DeserializeOwned>(
     fn with<T: DeserializeOwned, const N: usize>(
         body: &[u8],
     ) -> Result<(T, usize), bincode::error::DecodeError> {
-        bincode::serde::decode_from_slice(body, bincode::config::standard().with_limit::<N>())
+        // The borrowing decoder hands byte strings out as slices of `body`,
+        // which blobs turn into shared views (see `blob`).
+        bincode::serde::borrow_decode_from_slice(
+            body,
+            bincode::config::standard().with_limit::<N>(),
+        )
     }
     match limit {
         l if l <= 4 * KIB => with::<T, { 4 * KIB }>(body),
@@ -316,7 +336,7 @@ where
     metrics
         .bytes_in
         .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
-    decode_body(&body, protocol, direction, limit).map_err(reject)
+    decode_shared(&Bytes::from(body), protocol, direction, limit).map_err(reject)
 }
 
 /// Fills `buf` from `io`; `Ok(Err(got))` if the stream ended after `got` bytes.
@@ -332,7 +352,8 @@ async fn fill<R: AsyncRead + Unpin>(io: &mut R, buf: &mut [u8]) -> io::Result<Re
 }
 
 /// Writes one frame to `io`. The message is encoded before the first
-/// await, so the future does not hold a reference to it.
+/// await, so the future does not hold a reference to it; large blobs are
+/// written from where they are, not copied into the frame.
 pub fn write_frame<'a, T, W>(
     io: &'a mut W,
     msg: &T,
@@ -345,13 +366,15 @@ where
     T: Serialize,
     W: AsyncWrite + Unpin + Send,
 {
-    let frame = encode_frame(msg, protocol, direction, limit).map_err(|err| {
+    let frame = encode_gathered(msg, protocol, direction, limit).map_err(|err| {
         metrics.count(&err);
         io::Error::new(io::ErrorKind::InvalidInput, err)
     });
     async move {
         let frame = frame?;
-        io.write_all(&frame).await?;
+        for piece in frame.pieces() {
+            io.write_all(piece).await?;
+        }
         metrics
             .bytes_out
             .fetch_add(frame.len() as u64, Ordering::Relaxed);
@@ -460,6 +483,8 @@ impl<P: WireProtocol> libp2p::request_response::Codec for WireCodec<P> {
         .await
     }
 }
+
+pub(crate) mod blob;
 
 #[cfg(test)]
 mod tests;

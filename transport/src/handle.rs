@@ -8,6 +8,7 @@ use std::ops::Range;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId};
@@ -351,12 +352,13 @@ impl TransportHandle {
     /// Fetches a batch of chunks from `peer`; `None` for those it lacks.
     ///
     /// Every chunk is checked against its BLAKE3 id: one wrong chunk
-    /// discards the whole answer and reports the peer.
+    /// discards the whole answer and reports the peer. The chunks are views
+    /// of the received frame (no copy), which they keep alive.
     pub async fn fetch_chunks(
         &self,
         peer: PeerId,
         ids: &[Hash],
-    ) -> Result<Vec<Option<Vec<u8>>>, RequestError> {
+    ) -> Result<Vec<Option<Bytes>>, RequestError> {
         if ids.len() > MAX_CHUNKS_PER_REQUEST {
             return Err(RequestError::Invalid(format!(
                 "{} chunk ids in one fetch, at most {MAX_CHUNKS_PER_REQUEST}",

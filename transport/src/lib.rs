@@ -28,6 +28,7 @@ pub mod remote_tree;
 pub mod services;
 pub mod swarm;
 
+pub use bytes::Bytes;
 pub use codec::{CodecCounts, CodecError, CodecMetrics};
 pub use handle::{start_transport, RequestError, TransportHandle};
 pub use identity::{load_or_create_identity, IdentityError};

@@ -4,6 +4,7 @@
 //! ([`HashBlob`]): through serde a `Vec<[u8; 32]>` is a list of 32-tuples and
 //! costs about 100× more (CRATE-NOTES §8).
 
+use bytes::Bytes;
 use std::fmt;
 
 use openraft::error::{InstallSnapshotError, RaftError};
@@ -249,8 +250,8 @@ pub enum ChunkRequest {
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkData {
     pub id: Hash,
-    #[serde(with = "serde_bytes")]
-    pub bytes: Vec<u8>,
+    #[serde(with = "crate::codec::blob")]
+    pub bytes: Bytes,
 }
 
 impl fmt::Debug for ChunkData {
@@ -266,7 +267,7 @@ impl fmt::Debug for ChunkData {
 
 /// A fetched chunk, or `None` if the peer does not have it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MaybeChunk(#[serde(with = "serde_bytes")] pub Option<Vec<u8>>);
+pub struct MaybeChunk(#[serde(with = "crate::codec::blob::option")] pub Option<Bytes>);
 
 impl fmt::Debug for MaybeChunk {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

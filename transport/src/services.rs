@@ -4,6 +4,7 @@
 
 use std::ops::Range;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use synod_consensus::Request;
@@ -41,12 +42,13 @@ pub trait Services: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Option<Vec<Hash>>, ServiceError>>;
 
     /// The bytes of each chunk in `ids`, `None` for those not held. The
-    /// transport does not trust them either: the fetcher verifies.
+    /// transport does not trust them either: the fetcher verifies. (`Bytes`,
+    /// so chunks held in memory are sent without a copy.)
     fn read_chunks(
         &self,
         peer: PeerId,
         ids: Vec<Hash>,
-    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>>;
+    ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, ServiceError>>;
 
     /// Stores pushed chunks, already verified against their ids, durably
     /// (fsynced) before returning.

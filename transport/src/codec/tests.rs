@@ -5,6 +5,7 @@ use crate::messages::{
     ChunkData, ChunkProtocol, ChunkRequest, ChunkResponse, ForwardProtocol, ForwardRequest,
     HashBlob, MaybeChunk, RaftProtocol, RaftRequest, TreeProtocol, TreeRequest, TreeResponse,
 };
+use bytes::Bytes;
 use synod_merkle::Hash;
 
 fn must_frame<P: WireProtocol>(req: &P::Request) -> Vec<u8> {
@@ -28,7 +29,7 @@ fn round_trip_of_each_protocol() {
 
     let push = ChunkRequest::Push(vec![ChunkData {
         id: Hash::of(b"x"),
-        bytes: b"x".to_vec(),
+        bytes: b"x".to_vec().into(),
     }]);
     assert_eq!(
         decode_req::<ChunkProtocol>(&must_frame::<ChunkProtocol>(&push)).unwrap(),
@@ -52,7 +53,10 @@ fn round_trip_of_each_protocol() {
         fwd
     );
 
-    let resp = ChunkResponse::Fetched(vec![MaybeChunk(Some(vec![7; 1000])), MaybeChunk(None)]);
+    let resp = ChunkResponse::Fetched(vec![
+        MaybeChunk(Some(vec![7; 1000].into())),
+        MaybeChunk(None),
+    ]);
     let frame = encode_frame(
         &resp,
         "p",
@@ -131,7 +135,7 @@ fn trailing_bytes_are_refused() {
 fn our_own_oversized_message_is_not_sent() {
     let push = ChunkRequest::Push(vec![ChunkData {
         id: Hash::ZERO,
-        bytes: vec![0; ChunkProtocol::REQUEST_LIMIT + 1],
+        bytes: vec![0; ChunkProtocol::REQUEST_LIMIT + 1].into(),
     }]);
     let err = encode_frame(
         &push,
@@ -238,5 +242,111 @@ proptest! {
         let frame = must_frame::<ChunkProtocol>(&ChunkRequest::Fetch(HashBlob::from_hashes(&ids)));
         let cut = cut.min(frame.len() - 1);
         prop_assert!(decode_req::<ChunkProtocol>(&frame[..cut]).is_err());
+    }
+}
+
+/// The wire types as they were before chunk bytes became shared blobs.
+mod before {
+    use serde::Serialize;
+    use synod_merkle::Hash;
+
+    #[derive(Serialize)]
+    pub struct ChunkData {
+        pub id: Hash,
+        #[serde(with = "serde_bytes")]
+        pub bytes: Vec<u8>,
+    }
+
+    #[derive(Serialize)]
+    pub struct MaybeChunk(#[serde(with = "serde_bytes")] pub Option<Vec<u8>>);
+
+    #[derive(Serialize)]
+    #[allow(dead_code)]
+    pub enum ChunkRequest {
+        Fetch(crate::messages::HashBlob),
+        Push(Vec<ChunkData>),
+    }
+
+    #[derive(Serialize)]
+    pub enum ChunkResponse {
+        Fetched(Vec<MaybeChunk>),
+    }
+}
+
+fn sizes() -> impl Strategy<Value = Vec<Option<usize>>> {
+    proptest::collection::vec(
+        prop_oneof![Just(None), (0usize..3000).prop_map(Some), Just(Some(65536))],
+        0..12,
+    )
+}
+
+fn blob_of(i: usize, len: usize) -> Vec<u8> {
+    (0..len).map(|j| (i * 131 + j * 7) as u8).collect()
+}
+
+proptest! {
+    /// Gathered frames (blobs written as pieces of their own) are the bytes
+    /// plain bincode writes, and those are the bytes of the earlier wire types.
+    #[test]
+    fn gathered_frames_are_the_plain_wire_format(sizes in sizes()) {
+        let fetched = ChunkResponse::Fetched(
+            sizes.iter().enumerate()
+                .map(|(i, s)| MaybeChunk(s.map(|n| Bytes::from(blob_of(i, n)))))
+                .collect(),
+        );
+        let old = before::ChunkResponse::Fetched(
+            sizes.iter().enumerate()
+                .map(|(i, s)| before::MaybeChunk(s.map(|n| blob_of(i, n))))
+                .collect(),
+        );
+        let limit = ChunkProtocol::RESPONSE_LIMIT;
+        let gathered = encode_gathered(&fetched, "p", Direction::Response, limit).unwrap();
+        let plain = bincode::serde::encode_to_vec(&fetched, bincode::config::standard()).unwrap();
+        let earlier = bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap();
+        prop_assert_eq!(&plain, &earlier);
+        let frame = gathered.to_vec();
+        prop_assert_eq!(&frame[HEADER_LEN..], &plain[..]);
+        prop_assert_eq!(
+            decode_frame::<ChunkResponse>(&frame, "p", Direction::Response, limit).unwrap(),
+            fetched
+        );
+
+        let push = ChunkRequest::Push(
+            sizes.iter().enumerate().map(|(i, s)| ChunkData {
+                id: Hash::of(&[i as u8]),
+                bytes: Bytes::from(blob_of(i, s.unwrap_or(0))),
+            }).collect(),
+        );
+        let old = before::ChunkRequest::Push(
+            sizes.iter().enumerate().map(|(i, s)| before::ChunkData {
+                id: Hash::of(&[i as u8]),
+                bytes: blob_of(i, s.unwrap_or(0)),
+            }).collect(),
+        );
+        let frame = must_frame::<ChunkProtocol>(&push);
+        let earlier = bincode::serde::encode_to_vec(&old, bincode::config::standard()).unwrap();
+        prop_assert_eq!(&frame[HEADER_LEN..], &earlier[..]);
+        prop_assert_eq!(decode_req::<ChunkProtocol>(&frame).unwrap(), push);
+    }
+}
+
+#[test]
+fn received_chunks_are_views_of_the_frame_not_copies() {
+    let resp = ChunkResponse::Fetched(vec![
+        MaybeChunk(Some(Bytes::from(blob_of(1, 70_000)))),
+        MaybeChunk(None),
+        MaybeChunk(Some(Bytes::from(blob_of(2, 10)))),
+    ]);
+    let limit = ChunkProtocol::RESPONSE_LIMIT;
+    let frame = encode_frame(&resp, "p", Direction::Response, limit).unwrap();
+    let body = Bytes::copy_from_slice(&frame[HEADER_LEN..]);
+    let back: ChunkResponse = decode_shared(&body, "p", Direction::Response, limit).unwrap();
+    assert_eq!(back, resp);
+    let ChunkResponse::Fetched(chunks) = back else {
+        unreachable!()
+    };
+    let range = body.as_ptr() as usize..body.as_ptr() as usize + body.len();
+    for c in chunks.iter().filter_map(|c| c.0.as_ref()) {
+        assert!(range.contains(&(c.as_ptr() as usize)), "chunk was copied");
     }
 }

@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use synod_merkle::Hash;
-use synod_transport::{ChunkData, RequestError};
+use synod_transport::{Bytes, ChunkData, RequestError};
 
 use crate::common::*;
 
@@ -56,11 +56,11 @@ async fn pushed_chunks_with_wrong_bytes_are_refused() {
 
     let good = ChunkData {
         id: Hash::of(b"good"),
-        bytes: b"good".to_vec(),
+        bytes: Bytes::from_static(b"good"),
     };
     let bad = ChunkData {
         id: Hash::of(b"claimed"),
-        bytes: b"actual".to_vec(),
+        bytes: Bytes::from_static(b"actual"),
     };
     let err = b
         .handle
@@ -82,7 +82,7 @@ async fn pushed_chunks_with_wrong_bytes_are_refused() {
         .unwrap();
     assert_eq!(
         a.services.chunks.lock().unwrap().get(&good.id),
-        Some(&good.bytes)
+        Some(&good.bytes.to_vec())
     );
 }
 

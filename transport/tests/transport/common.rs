@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use synod_consensus::{Request, SynodRaft};
 use synod_merkle::{Hash, MerkleTree};
 use synod_transport::messages::ForwardResponse;
+use synod_transport::Bytes;
 use synod_transport::{
     start_transport, ChunkData, Keypair, Multiaddr, PeerId, ServiceError, Services,
     TransportConfig, TransportHandle,
@@ -77,7 +78,7 @@ impl Services for MemServices {
         &self,
         _: PeerId,
         ids: Vec<Hash>,
-    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+    ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, ServiceError>> {
         let corrupt = *self.corrupt.lock().unwrap();
         let chunks = self.chunks.lock().unwrap();
         let out = ids
@@ -88,7 +89,7 @@ impl Services for MemServices {
                     if corrupt {
                         b[0] ^= 1;
                     }
-                    b
+                    Bytes::from(b)
                 })
             })
             .collect();
@@ -103,7 +104,7 @@ impl Services for MemServices {
         let mut map = self.chunks.lock().unwrap();
         *self.stored.lock().unwrap() += chunks.len() as u64;
         for c in chunks {
-            map.insert(c.id, c.bytes);
+            map.insert(c.id, c.bytes.to_vec());
         }
         Box::pin(async { Ok(()) })
     }

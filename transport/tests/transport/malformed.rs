@@ -8,6 +8,7 @@ use libp2p::StreamProtocol;
 use synod_transport::messages::{
     ChunkProtocol, ForwardProtocol, RaftProtocol, TreeProtocol, WireProtocol,
 };
+use synod_transport::Bytes;
 
 use crate::common::*;
 
@@ -164,5 +165,5 @@ async fn malformed_and_oversized_frames_end_the_request_and_are_counted() {
 
     tracing::info!("--- the node keeps serving its members");
     let got = member.handle.fetch_chunks(a.peer, &[id]).await.unwrap();
-    assert_eq!(got, vec![Some(b"still here".to_vec())]);
+    assert_eq!(got, vec![Some(Bytes::from_static(b"still here"))]);
 }

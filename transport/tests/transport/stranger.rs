@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use synod_merkle::{Hash, MerkleTree};
-use synod_transport::RequestError;
+use synod_transport::{Bytes, RequestError};
 
 use crate::common::*;
 
@@ -44,7 +44,7 @@ async fn a_stranger_is_refused_and_members_keep_being_served() {
             a.peer,
             vec![synod_transport::ChunkData {
                 id: Hash::of(b"x"),
-                bytes: b"x".to_vec(),
+                bytes: Bytes::from_static(b"x"),
             }],
         )
         .await
@@ -65,7 +65,7 @@ async fn a_stranger_is_refused_and_members_keep_being_served() {
 
     tracing::info!("--- the member is served");
     let got = member.handle.fetch_chunks(a.peer, &[id]).await.unwrap();
-    assert_eq!(got, vec![Some(b"secret".to_vec())]);
+    assert_eq!(got, vec![Some(Bytes::from_static(b"secret"))]);
     assert_eq!(member.handle.tree_top(a.peer, root).await.unwrap().0, 1);
 
     tracing::info!("--- removing the member from the allow-list cuts it off");
