@@ -311,6 +311,10 @@ async fn bench() -> anyhow::Result<()> {
     Ok(())
 }
 
+// The allocator of synod's binaries.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     if std::env::args().any(|a| a == "--list") {
         return Ok(());
