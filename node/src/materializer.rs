@@ -651,19 +651,24 @@ async fn assemble<N: PeerNet>(
     let ids = manifest_ids(node, entry, local).await?;
     let tmp =
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
-    let mut out =
-        std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
+    let out = std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
     // Removed if this is cancelled half way (a prefetch that is dropped).
     let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
     let mut lens = Vec::with_capacity(ids.len());
     let result = async {
         for window in ids.chunks(GATHER_WINDOW) {
             let chunks = gather(node, entry, window).await?;
-            for bytes in chunks {
-                out.write_all(&bytes)
-                    .map_err(io_err(format!("writing {}", tmp.display())))?;
-                lens.push(bytes.len() as u32);
-            }
+            lens.extend(chunks.iter().map(|b| b.len() as u32));
+            // Off the runtime, as are the reads in `gather`.
+            let mut file = out
+                .try_clone()
+                .map_err(io_err(format!("writing {}", tmp.display())))?;
+            tokio::task::spawn_blocking(move || {
+                chunks.iter().try_for_each(|bytes| file.write_all(bytes))
+            })
+            .await
+            .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
+            .map_err(io_err(format!("writing {}", tmp.display())))?;
         }
         // Off the runtime: assemblies running ahead overlap their fsyncs.
         let file = out
@@ -823,20 +828,30 @@ async fn gather<N: PeerNet>(
     entry: &Entry,
     ids: &[Hash],
 ) -> Result<Vec<Bytes>, MaterializeError> {
-    let mut found: HashMap<Hash, Bytes> = HashMap::new();
-    let mut missing: Vec<Hash> = Vec::new();
-    for id in ids {
-        if found.contains_key(id) || missing.contains(id) {
-            continue;
-        }
-        match node.serve_chunk(id) {
-            Some(bytes) => {
-                Metrics::add(&node.metrics.chunks_local, 1);
-                found.insert(*id, Bytes::from(bytes));
+    // Staging and folder reads are disk reads: off the runtime.
+    let (mut found, missing) = {
+        let node = node.clone();
+        let ids = ids.to_vec();
+        tokio::task::spawn_blocking(move || {
+            let mut found: HashMap<Hash, Bytes> = HashMap::new();
+            let mut missing: Vec<Hash> = Vec::new();
+            for id in &ids {
+                if found.contains_key(id) || missing.contains(id) {
+                    continue;
+                }
+                match node.serve_chunk(id) {
+                    Some(bytes) => {
+                        Metrics::add(&node.metrics.chunks_local, 1);
+                        found.insert(*id, Bytes::from(bytes));
+                    }
+                    None => missing.push(*id),
+                }
             }
-            None => missing.push(*id),
-        }
-    }
+            (found, missing)
+        })
+        .await
+        .map_err(|e| MaterializeError::Local(format!("chunk lookup task: {e}")))?
+    };
     if !missing.is_empty() {
         fetch_from_peers(node, entry, missing, &mut found).await?;
     }
