@@ -2,9 +2,11 @@
 //! resulting writes. Pure logic over a [`NamespaceView`], so it is unit-tested
 //! without sled or Raft.
 
-use crate::command::{Answer, Command, Expect};
+use synod_merkle::Hash;
+
+use crate::command::{Answer, Command, Expect, MAX_INLINE};
 use crate::path::NsPath;
-use crate::types::{ClusterSettings, Entry};
+use crate::types::{ClusterSettings, Entry, EntryKind};
 
 /// What a command reads and writes.
 pub(crate) trait NamespaceView {
@@ -16,6 +18,31 @@ pub(crate) trait NamespaceView {
     fn settings(&mut self) -> Option<ClusterSettings>;
     /// Sets the cluster settings.
     fn set_settings(&mut self, s: ClusterSettings);
+    /// The inline content kept for `path` ([`blob_value`]), if any.
+    fn blob(&mut self, path: &str) -> Option<Vec<u8>>;
+    /// Keeps (or with `None` drops) the inline content of `path`.
+    fn set_blob(&mut self, path: &str, blob: Option<Vec<u8>>);
+}
+
+/// How inline content is kept: the content root, then the bytes, so a
+/// reader can tell which version of the path the bytes belong to.
+pub(crate) fn blob_value(root: &Hash, data: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 + data.len());
+    v.extend_from_slice(root.as_bytes());
+    v.extend_from_slice(data);
+    v
+}
+
+/// Splits a kept blob into its root and bytes.
+pub(crate) fn split_blob(v: &[u8]) -> Option<(Hash, &[u8])> {
+    let root: [u8; 32] = v.get(..32)?.try_into().ok()?;
+    Some((Hash::from_bytes(root), &v[32..]))
+}
+
+/// Whether `e` may have inline content kept with it (only then is there
+/// anything to drop when the path changes).
+fn may_have_blob(e: Option<&Entry>) -> bool {
+    e.is_some_and(|e| e.is_live() && e.kind == EntryKind::File && e.size <= MAX_INLINE as u64)
 }
 
 /// True if `current` satisfies `expect`.
@@ -60,6 +87,39 @@ fn execute_inner(
             new.version = index;
             new.tombstone = false;
             view.set(path.as_str(), cur.as_ref(), new);
+            if may_have_blob(cur.as_ref()) {
+                view.set_blob(path.as_str(), None);
+            }
+        }
+        Command::PutInline {
+            path,
+            entry,
+            expect,
+            data,
+        } => {
+            let path = parse(path)?;
+            if data.len() > MAX_INLINE
+                || data.len() as u64 != entry.size
+                || entry.kind != EntryKind::File
+            {
+                return Err(Answer::Rejected {
+                    reason: format!(
+                        "inline content of {path}: {} bytes for a {:?} of size {} (at most {MAX_INLINE})",
+                        data.len(),
+                        entry.kind,
+                        entry.size
+                    ),
+                });
+            }
+            let cur = view.get(path.as_str());
+            if !expect_holds(*expect, cur.as_ref()) {
+                return Err(Answer::Conflict { current: cur });
+            }
+            let mut new = entry.clone();
+            new.version = index;
+            new.tombstone = false;
+            view.set(path.as_str(), cur.as_ref(), new);
+            view.set_blob(path.as_str(), Some(blob_value(&entry.root, data)));
         }
         Command::Delete { path, expect } => {
             let path = parse(path)?;
@@ -74,6 +134,9 @@ fn execute_inner(
             tomb.size = 0;
             tomb.holders.clear();
             view.set(path.as_str(), cur.as_ref(), tomb);
+            if may_have_blob(cur.as_ref()) {
+                view.set_blob(path.as_str(), None);
+            }
         }
         Command::Rename {
             from,
@@ -107,6 +170,13 @@ fn execute_inner(
             tomb.holders.clear();
             view.set(to.as_str(), cur_to.as_ref(), moved);
             view.set(from.as_str(), Some(&moved_from), tomb);
+            if may_have_blob(Some(&moved_from)) {
+                let blob = view.blob(from.as_str());
+                view.set_blob(from.as_str(), None);
+                view.set_blob(to.as_str(), blob);
+            } else if may_have_blob(cur_to.as_ref()) {
+                view.set_blob(to.as_str(), None);
+            }
         }
         Command::InitCluster { settings } => {
             if let Some(cur) = view.settings() {
@@ -140,6 +210,7 @@ pub(crate) mod tests {
     pub(crate) struct MapView {
         pub map: BTreeMap<String, Entry>,
         pub settings: Option<ClusterSettings>,
+        pub blobs: BTreeMap<String, Vec<u8>>,
     }
 
     impl NamespaceView for MapView {
@@ -154,6 +225,15 @@ pub(crate) mod tests {
         }
         fn set_settings(&mut self, s: ClusterSettings) {
             self.settings = Some(s);
+        }
+        fn blob(&mut self, path: &str) -> Option<Vec<u8>> {
+            self.blobs.get(path).cloned()
+        }
+        fn set_blob(&mut self, path: &str, blob: Option<Vec<u8>>) {
+            match blob {
+                Some(b) => self.blobs.insert(path.to_owned(), b),
+                None => self.blobs.remove(path),
+            };
         }
     }
 
@@ -276,6 +356,58 @@ pub(crate) mod tests {
             );
         }
         assert!(v.map.is_empty(), "nothing applied");
+    }
+
+    fn inline(data: &[u8]) -> Entry {
+        Entry::file(data.len() as u64, Hash::of(data), 1)
+    }
+
+    #[test]
+    fn inline_content_follows_its_path() {
+        let mut v = MapView::default();
+        let put = Command::put_inline(&p("a"), inline(b"one"), Expect::Absent, b"one".to_vec());
+        assert_eq!(execute(&mut v, 1, &put), Answer::Ok { version: 1 });
+        let kept = v.blobs["a"].clone();
+        assert_eq!(split_blob(&kept), Some((Hash::of(b"one"), &b"one"[..])));
+
+        // A conflict keeps nothing new.
+        let clash = Command::put_inline(&p("a"), inline(b"two"), Expect::Absent, b"two".to_vec());
+        assert!(matches!(
+            execute(&mut v, 2, &clash),
+            Answer::Conflict { .. }
+        ));
+        assert_eq!(v.blobs["a"], kept);
+
+        // A rename carries it; the source keeps none.
+        let mv = Command::rename(&p("a"), &p("b"), Expect::Any, Expect::Absent);
+        assert_eq!(execute(&mut v, 3, &mv), Answer::Ok { version: 3 });
+        assert!(!v.blobs.contains_key("a"));
+        assert_eq!(v.blobs["b"], kept);
+
+        // A plain put (content pushed elsewhere) drops it, as does a delete.
+        execute(&mut v, 4, &Command::put(&p("b"), file(9), Expect::Any));
+        assert!(v.blobs.is_empty(), "{:?}", v.blobs.keys());
+        execute(&mut v, 5, &put);
+        execute(&mut v, 6, &Command::delete(&p("a"), Expect::Any));
+        assert!(v.blobs.is_empty());
+    }
+
+    #[test]
+    fn inline_content_must_match_its_entry() {
+        let mut v = MapView::default();
+        let data = vec![7u8; MAX_INLINE + 1];
+        let cases = [
+            Command::put_inline(&p("big"), inline(&data), Expect::Any, data.clone()),
+            Command::put_inline(&p("short"), file(9), Expect::Any, b"abc".to_vec()),
+        ];
+        for cmd in cases {
+            let a = execute(&mut v, 1, &cmd);
+            assert!(
+                matches!(a, Answer::Rejected { ref reason } if reason.contains("inline content")),
+                "{a:?}"
+            );
+        }
+        assert!(v.map.is_empty() && v.blobs.is_empty(), "nothing applied");
     }
 
     #[test]

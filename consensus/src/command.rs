@@ -57,7 +57,25 @@ pub enum Command {
         /// The settings.
         settings: ClusterSettings,
     },
+    /// `Put` of a small file whose content travels in the log entry itself:
+    /// durable on a quorum once committed, with no separate content push.
+    /// Every node keeps the bytes with the entry until the path changes.
+    PutInline {
+        /// Target path.
+        path: String,
+        /// New metadata; `size` must equal the length of `data`.
+        entry: Entry,
+        /// Precondition.
+        expect: Expect,
+        /// The file's content, at most [`MAX_INLINE`] bytes.
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
+
+/// Largest file content a [`Command::PutInline`] may carry. Small enough
+/// that a full log entry of them stays far below a Raft message's limit.
+pub const MAX_INLINE: usize = 4 * 1024;
 
 impl Command {
     /// `Put` of `entry` at `path`.
@@ -66,7 +84,9 @@ impl Command {
     /// their version, and versions of one path must be unique.
     pub fn paths(&self) -> impl Iterator<Item = &str> {
         let (a, b) = match self {
-            Command::Put { path, .. } | Command::Delete { path, .. } => (Some(path.as_str()), None),
+            Command::Put { path, .. }
+            | Command::PutInline { path, .. }
+            | Command::Delete { path, .. } => (Some(path.as_str()), None),
             Command::Rename { from, to, .. } => (Some(from.as_str()), Some(to.as_str())),
             Command::InitCluster { .. } => (None, None),
         };
@@ -78,6 +98,24 @@ impl Command {
             path: path.as_str().to_owned(),
             entry,
             expect,
+        }
+    }
+
+    /// `Put` of `entry` at `path` carrying the file's content `data`.
+    pub fn put_inline(path: &NsPath, entry: Entry, expect: Expect, data: Vec<u8>) -> Command {
+        Command::PutInline {
+            path: path.as_str().to_owned(),
+            entry,
+            expect,
+            data,
+        }
+    }
+
+    /// Bytes of file content the command carries.
+    pub fn inline_len(&self) -> usize {
+        match self {
+            Command::PutInline { data, .. } => data.len(),
+            _ => 0,
         }
     }
 

@@ -42,7 +42,7 @@ pub mod types;
 pub mod testing;
 
 pub use apply::expect_holds;
-pub use command::{Answer, Command, Expect, Request, Response};
+pub use command::{Answer, Command, Expect, Request, Response, MAX_INLINE};
 pub use log_store::LogStore;
 pub use node::{open_stores, open_stores_with, raft_config};
 pub use ns_tree::NsTreeError;

@@ -23,6 +23,9 @@ pub struct ProposerConfig {
     pub queue: usize,
     /// Most commands in one log entry.
     pub max_batch: usize,
+    /// Most bytes of inline file content in one log entry (a command that
+    /// alone exceeds it still travels, alone).
+    pub max_batch_inline_bytes: usize,
     /// Batches proposed but not yet committed.
     pub max_in_flight: usize,
     /// Scheduler yields before cutting a batch while another is in flight.
@@ -37,6 +40,7 @@ impl Default for ProposerConfig {
         ProposerConfig {
             queue: 16 * 1024,
             max_batch: 2048,
+            max_batch_inline_bytes: 128 * 1024,
             max_in_flight: 2,
             linger_yields: 8,
             commit_timeout: std::time::Duration::from_secs(10),
@@ -168,6 +172,7 @@ async fn run(raft: SynodRaft, mut rx: mpsc::Receiver<Pending>, cfg: ProposerConf
             }
         }
         let mut touched: HashSet<String> = first.cmd.paths().map(str::to_owned).collect();
+        let mut inline_bytes = first.cmd.inline_len();
         let mut batch = vec![first];
         let mut held = VecDeque::new();
         let mut candidates = std::mem::take(&mut deferred);
@@ -185,6 +190,12 @@ async fn run(raft: SynodRaft, mut rx: mpsc::Receiver<Pending>, cfg: ProposerConf
                 held.push_back(next);
                 continue;
             }
+            // Raft messages carry whole log entries: keep each one small.
+            if inline_bytes + next.cmd.inline_len() > cfg.max_batch_inline_bytes {
+                held.push_back(next);
+                break;
+            }
+            inline_bytes += next.cmd.inline_len();
             touched.extend(next.cmd.paths().map(str::to_owned));
             batch.push(next);
         }

@@ -53,6 +53,26 @@ pub struct StateView {
 }
 
 impl StateView {
+    /// The inline content ([`crate::Command::PutInline`]) this node keeps for
+    /// `path`, if it belongs to the content `root`.
+    pub fn inline_content(
+        &self,
+        path: &NsPath,
+        root: &Hash,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        let kept = self
+            .shared
+            .st
+            .sm
+            .get(crate::state_machine::blob_key(path.as_str()))
+            .map_err(read_err)?;
+        Ok(kept.and_then(|v| {
+            crate::apply::split_blob(&v)
+                .filter(|(r, _)| r == root)
+                .map(|(_, data)| data.to_vec())
+        }))
+    }
+
     /// The applied entry of `path`, tombstones included.
     pub fn get(&self, path: &NsPath) -> Result<Option<Entry>, StorageError> {
         match self

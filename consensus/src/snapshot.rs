@@ -2,7 +2,9 @@
 //!
 //! File format: `MAGIC`, then frames (`u32` LE length + bincode([`Frame`])):
 //! one `Header`, `Entries` and `Dedup` frames of at most [`FRAME_ITEMS`] items,
-//! one `End` with the counts; then the 32-byte BLAKE3 of everything before it.
+//! `Blobs` frames (inline content of the entries, at most [`BLOB_FRAME_BYTES`]
+//! each), one `End` with the counts; then the 32-byte BLAKE3 of everything
+//! before it.
 //! A file is fully verified (checksum, every frame decodes, header matches
 //! the metadata openraft gave) before the state machine is touched.
 //!
@@ -28,12 +30,14 @@ use serde::{Deserialize, Serialize};
 use synod_merkle::Hash;
 use tokio::io::AsyncSeekExt;
 
+use crate::apply::split_blob;
 use crate::codec;
 use crate::command::Answer;
 use crate::ns_tree::{self, leaf_key, leaf_value, NsTreeError};
 use crate::state_machine::{
-    answers_key, change_key, entry_key, load_mem, preimage_key, AnswerRecord, Building, SmMem,
-    SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_ENTRY, P_PREIMAGE,
+    answers_key, blob_key, change_key, entry_key, load_mem, preimage_key, AnswerRecord, Building,
+    SmMem, SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_BLOB, P_ENTRY,
+    P_PREIMAGE,
 };
 use crate::storage::NodeStorage;
 use crate::types::{ClusterSettings, Entry, RequestId, SnapshotMeta, StorageError, TypeConfig};
@@ -41,6 +45,8 @@ use crate::types::{ClusterSettings, Entry, RequestId, SnapshotMeta, StorageError
 const MAGIC: &[u8; 12] = b"SYNOD-SNAP1\n";
 /// Items per frame: bounds the memory of build and install.
 pub const FRAME_ITEMS: usize = 1024;
+/// Bytes of inline content after which a `Blobs` frame is written.
+pub const BLOB_FRAME_BYTES: usize = 1 << 20;
 /// Namespace entries per sled batch while loading a snapshot. sled 0.34
 /// keeps far more memory than the data after large batches (measured: 100 k
 /// entries written in batches of 1024 entries grew RSS by 350 MB, in batches
@@ -65,6 +71,9 @@ enum Frame {
         entries: u64,
         dedups: u64,
     },
+    /// Inline content (`b` values: root, then bytes) of entries of this
+    /// snapshot, by path.
+    Blobs(Vec<(String, serde_bytes::ByteBuf)>),
 }
 
 /// Why a snapshot file was refused.
@@ -303,6 +312,7 @@ fn read_file(
                 break;
             }
             Frame::Header { .. } => return Err(r.malformed("second header")),
+            Frame::Blobs(_) => {}
         }
         each(&f)?;
     }
@@ -442,6 +452,12 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
     };
     let mut n_entries = 0u64;
     let mut buf = Vec::with_capacity(FRAME_ITEMS);
+    // Inline content, by path like the entries: merged in one pass. A blob
+    // that no longer matches its entry at `cap.at` (the path changed during
+    // the build) is left out; the node then fetches the content from peers.
+    let mut blobs = st.sm.scan_prefix([P_BLOB]).peekable();
+    let mut bbuf: Vec<(String, serde_bytes::ByteBuf)> = Vec::new();
+    let mut bbytes = 0usize;
     for kv in st.sm.scan_prefix([P_ENTRY]) {
         let (k, v) = kv.map_err(sled_err)?;
         let p = String::from_utf8_lossy(&k[1..]).into_owned();
@@ -467,7 +483,32 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
                 }
             }
         }
+        while let Some(Ok((bk, _))) = blobs.peek() {
+            if bk[1..] >= *p.as_bytes() {
+                break;
+            }
+            blobs.next();
+        }
+        if let Some(kv) =
+            blobs.next_if(|kv| kv.as_ref().is_ok_and(|(bk, _)| bk[1..] == *p.as_bytes()))
+        {
+            let (_, bv) = kv.map_err(sled_err)?;
+            if e.is_live() && split_blob(&bv).is_some_and(|(root, _)| root == e.root) {
+                bbytes += bv.len();
+                bbuf.push((p.clone(), serde_bytes::ByteBuf::from(bv.to_vec())));
+            }
+        }
+        if let Some(Err(_)) = blobs.peek() {
+            let Some(Err(e)) = blobs.next() else {
+                unreachable!("peeked an error")
+            };
+            return Err(sled_err(e));
+        }
         buf.push((p, e));
+        if bbytes >= BLOB_FRAME_BYTES || bbuf.len() == FRAME_ITEMS {
+            bbytes = 0;
+            w.frame(&Frame::Blobs(std::mem::take(&mut bbuf)))?;
+        }
         if buf.len() == FRAME_ITEMS {
             n_entries += buf.len() as u64;
             w.frame(&Frame::Entries(std::mem::take(&mut buf)))?;
@@ -476,6 +517,9 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
     if !buf.is_empty() {
         n_entries += buf.len() as u64;
         w.frame(&Frame::Entries(buf))?;
+    }
+    if !bbuf.is_empty() {
+        w.frame(&Frame::Blobs(bbuf))?;
     }
     let mut n_dedup = 0u64;
     let mut dbuf = Vec::with_capacity(FRAME_ITEMS);
@@ -730,6 +774,13 @@ pub(crate) fn load(
                     );
                     batch.insert(entry_key(p), bytes);
                     batch.insert(change_key(e.version, p), &[][..]);
+                }
+                st.sm.apply_batch(batch)
+            }),
+            Frame::Blobs(v) => v.chunks(LOAD_BATCH).try_for_each(|part| {
+                let mut batch = sled::Batch::default();
+                for (p, b) in part {
+                    batch.insert(blob_key(p), b.as_slice());
                 }
                 st.sm.apply_batch(batch)
             }),

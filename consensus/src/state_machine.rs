@@ -10,6 +10,7 @@
 //! | `c` BE(version) path | empty (change feed) |
 //! | `p` path | pre-image during a snapshot build: bincode(`Entry`), empty = absent |
 //! | `k` namespace key | leaf of the namespace Merkle trie: BE version, entry hash, path (see `ns_tree`) |
+//! | `b` path | inline content of the path's current entry: root, then bytes (`Command::PutInline`) |
 //! | `r` BE(index) BE(seq) | bincode(`Vec<(RequestId, index, Answer)>`): the answers of one log entry (exactly-once) |
 //! | `m/…` | last applied, membership, settings, install marker |
 //!
@@ -45,6 +46,7 @@ pub(crate) const P_ENTRY: u8 = b'e';
 pub(crate) const P_CHANGE: u8 = b'c';
 pub(crate) const P_ANSWERS: u8 = b'r';
 pub(crate) const P_PREIMAGE: u8 = b'p';
+pub(crate) const P_BLOB: u8 = b'b';
 pub(crate) const M_APPLIED: &[u8] = b"m/applied";
 pub(crate) const M_MEMBERSHIP: &[u8] = b"m/membership";
 pub(crate) const M_SETTINGS: &[u8] = b"m/settings";
@@ -54,6 +56,13 @@ pub(crate) const M_INSTALLING: &[u8] = b"m/installing";
 pub(crate) fn entry_key(path: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + path.len());
     k.push(P_ENTRY);
+    k.extend_from_slice(path.as_bytes());
+    k
+}
+
+pub(crate) fn blob_key(path: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + path.len());
+    k.push(P_BLOB);
     k.extend_from_slice(path.as_bytes());
     k
 }
@@ -302,6 +311,7 @@ struct BatchView<'a> {
     sm: &'a sled::Tree,
     batch: sled::Batch,
     overlay: HashMap<String, Entry>,
+    blob_overlay: HashMap<String, Option<Vec<u8>>>,
     /// Buckets of the leaves written, and whether each path is new.
     tree_updates: Vec<(usize, bool)>,
     settings: &'a mut Option<ClusterSettings>,
@@ -363,6 +373,27 @@ impl NamespaceView for BatchView<'_> {
         *self.settings = Some(s);
         self.settings_changed = true;
     }
+
+    fn blob(&mut self, path: &str) -> Option<Vec<u8>> {
+        if let Some(b) = self.blob_overlay.get(path) {
+            return b.clone();
+        }
+        match self.sm.get(blob_key(path)) {
+            Ok(b) => b.map(|b| b.to_vec()),
+            Err(e) => {
+                self.error.get_or_insert(read_err(e));
+                None
+            }
+        }
+    }
+
+    fn set_blob(&mut self, path: &str, blob: Option<Vec<u8>>) {
+        match &blob {
+            Some(b) => self.batch.insert(blob_key(path), b.as_slice()),
+            None => self.batch.remove(blob_key(path)),
+        }
+        self.blob_overlay.insert(path.to_owned(), blob);
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -399,6 +430,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 sm,
                 batch: sled::Batch::default(),
                 overlay: HashMap::new(),
+                blob_overlay: HashMap::new(),
                 tree_updates: Vec::new(),
                 settings: &mut settings,
                 settings_changed: false,

@@ -362,6 +362,96 @@ async fn snapshot_round_trip_and_bad_snapshots_are_refused() {
 }
 
 #[tokio::test]
+async fn inline_content_survives_reopen_and_travels_in_snapshots() {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let (l1, mut sm1) = open_stores(d1.path(), "c").expect("open");
+    let (_l2, mut sm2) = open_stores(d2.path(), "c").expect("open");
+    // Enough content for several snapshot frames of blobs.
+    let content = |i: u64| -> Vec<u8> {
+        let len = (i as usize * 37) % synod_consensus::MAX_INLINE + 1;
+        (0..len).map(|j| (i as usize + j) as u8).collect()
+    };
+    let n = 600u64;
+    let cmds: Vec<_> = (0..n)
+        .map(|i| {
+            let data = content(i);
+            let entry = Entry::file(data.len() as u64, Hash::of(&data), 1);
+            (
+                rid(i),
+                Command::put_inline(&p(&format!("d/f{i:04}")), entry, Expect::Absent, data),
+            )
+        })
+        .collect();
+    must_apply(&mut sm1, vec![normal(1, cmds)]).await;
+    // One deleted, one overwritten by a pushed put, one renamed.
+    let changes = vec![
+        (rid(n), Command::delete(&p("d/f0000"), Expect::Any)),
+        (
+            rid(n + 1),
+            Command::put(&p("d/f0001"), file(3), Expect::Any),
+        ),
+        (
+            rid(n + 2),
+            Command::rename(&p("d/f0002"), &p("moved"), Expect::Any, Expect::Absent),
+        ),
+    ];
+    must_apply(&mut sm1, vec![normal(2, changes)]).await;
+    // The receiver holds inline content of its own that the snapshot replaces.
+    let own = b"own".to_vec();
+    must_apply(
+        &mut sm2,
+        vec![normal(
+            1,
+            vec![(
+                rid(9999),
+                Command::put_inline(
+                    &p("d/f0003"),
+                    Entry::file(3, Hash::of(&own), 2),
+                    Expect::Any,
+                    own.clone(),
+                ),
+            )],
+        )],
+    )
+    .await;
+
+    let check = |sm: &StateMachineStore| {
+        let view = sm.view();
+        let kept = |path: &str, data: &[u8]| {
+            view.inline_content(&p(path), &Hash::of(data))
+                .expect("read inline content")
+        };
+        assert_eq!(kept("d/f0000", &content(0)), None, "deleted");
+        assert_eq!(kept("d/f0001", &content(1)), None, "overwritten");
+        assert_eq!(kept("d/f0002", &content(2)), None, "renamed away");
+        assert_eq!(kept("moved", &content(2)), Some(content(2)), "renamed here");
+        assert_eq!(kept("d/f0003", &own), None, "receiver's own content");
+        for i in 3..n {
+            let path = format!("d/f{i:04}");
+            assert_eq!(kept(&path, &content(i)), Some(content(i)), "{path}");
+        }
+    };
+    check(&sm1);
+    drop((l1, sm1));
+    let (_l1, mut sm1) = open_stores(d1.path(), "c").expect("reopen");
+    check(&sm1);
+
+    let snap = sm1
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    let bytes = read_all(*snap.snapshot).await;
+    must_install(&mut sm2, &snap.meta, &bytes)
+        .await
+        .expect("install");
+    check(&sm2);
+    assert_eq!(sm2.view().namespace_root(), sm1.view().namespace_root());
+}
+
+#[tokio::test]
 async fn corrupt_log_entry_is_a_storage_error_naming_the_index() {
     let d = tempfile::tempdir().expect("tempdir");
     let (mut log, _sm) = open_stores(d.path(), "c").expect("open");

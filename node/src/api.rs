@@ -11,7 +11,7 @@ use axum::{Json, Router};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use synod_consensus::{Consistency, Entry, EntryKind, Expect, NsPath};
+use synod_consensus::{Consistency, Entry, EntryKind, Expect, NsPath, MAX_INLINE};
 use tokio::io::AsyncWriteExt;
 
 use crate::engine::{SyncNode, WriteMeta};
@@ -423,27 +423,62 @@ async fn put_file<N: PeerNet>(
             limit: s.max_upload_bytes,
         });
     }
-    let tmp = fsutil::temp_path(&s.node.folder, "upload")
-        .map_err(|e| NodeError::internal("creating upload file", e))?;
+    let now_ns = || {
+        crate::lab_hooks::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or(0)
+    };
+    // A small file whose commit alone makes it durable on enough nodes
+    // travels in the log entry itself.
+    let may_inline =
+        declared.is_none_or(|len| len <= MAX_INLINE as u64) && s.node.commit_covers_replication();
+    let node = s.node.clone();
+    let write_path = path.clone();
+    let limit = s.max_upload_bytes;
     // A task of its own: if the client goes away mid-request, the upload
     // still ends in a commit or an error, and its temp file never leaks.
-    let node = s.node.clone();
-    let limit = s.max_upload_bytes;
-    let write_path = path.clone();
     let version = tokio::spawn(async move {
         let _in_progress = node.metrics.upload_started();
-        if let Err(e) = receive_body(body, &tmp, limit).await {
+        let mut stream = body.into_data_stream();
+        let mut head = Vec::new();
+        if may_inline {
+            // A body of unknown length is read until it proves too large.
+            loop {
+                match stream.next().await {
+                    Some(chunk) => {
+                        let chunk = chunk.map_err(|e| {
+                            NodeError::BadRequest(format!("reading request body: {e}"))
+                        })?;
+                        head.extend_from_slice(&chunk);
+                        if head.len() > MAX_INLINE {
+                            break;
+                        }
+                    }
+                    None => {
+                        if head.len() as u64 > limit {
+                            return Err(NodeError::TooLarge { limit });
+                        }
+                        let meta = WriteMeta {
+                            expect,
+                            mode: 0o644,
+                            mtime_ns: now_ns(),
+                        };
+                        return node.write_inline(&write_path, head, meta).await;
+                    }
+                }
+            }
+        }
+        let tmp = fsutil::temp_path(&node.folder, "upload")
+            .map_err(|e| NodeError::internal("creating upload file", e))?;
+        if let Err(e) = receive_body(head, stream, &tmp, limit).await {
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        let now_ns = crate::lab_hooks::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0);
         let meta = WriteMeta {
             expect,
             mode: 0o644,
-            mtime_ns: now_ns,
+            mtime_ns: now_ns(),
         };
         node.write_file(&write_path, tmp, meta).await
     })
@@ -457,14 +492,24 @@ async fn put_file<N: PeerNet>(
         .into_response())
 }
 
-/// Streams the body into `tmp` (never whole in memory), enforcing `limit`,
-/// and fsyncs it.
-async fn receive_body(body: Body, tmp: &std::path::Path, limit: u64) -> Result<(), NodeError> {
+/// Streams the body (`head`, then the rest of `stream`) into `tmp` (never
+/// whole in memory), enforcing `limit`, and fsyncs it.
+async fn receive_body(
+    head: Vec<u8>,
+    mut stream: axum::body::BodyDataStream,
+    tmp: &std::path::Path,
+    limit: u64,
+) -> Result<(), NodeError> {
     let mut file = tokio::fs::File::create(tmp)
         .await
         .map_err(|e| NodeError::internal("creating upload file", e))?;
-    let mut stream = body.into_data_stream();
-    let mut total = 0u64;
+    let mut total = head.len() as u64;
+    if total > limit {
+        return Err(NodeError::TooLarge { limit });
+    }
+    file.write_all(&head)
+        .await
+        .map_err(|e| NodeError::internal("writing upload file", e))?;
     while let Some(chunk) = stream.next().await {
         let chunk =
             chunk.map_err(|e| NodeError::BadRequest(format!("reading request body: {e}")))?;

@@ -193,6 +193,54 @@ impl<N: PeerNet> SyncNode<N> {
         }
     }
 
+    /// Whether a commit alone leaves content in the log of `replication`
+    /// nodes: then a small file may travel inline (see [`Self::write_inline`]).
+    pub fn commit_covers_replication(&self) -> bool {
+        let m = self.raft.metrics().borrow().clone();
+        // A joint membership commits on a majority of each configuration.
+        let quorum = m
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .iter()
+            .map(|c| c.len() / 2 + 1)
+            .max()
+            .unwrap_or(0);
+        quorum > 0 && self.replication as usize <= quorum
+    }
+
+    /// The write path of a small file: its content `data` travels in the
+    /// log entry ([`Command::PutInline`]), so the commit itself makes it
+    /// durable on a quorum; no temp file and no separate content push.
+    /// The caller checks [`Self::commit_covers_replication`] and the size.
+    pub async fn write_inline(
+        &self,
+        path: &NsPath,
+        data: Vec<u8>,
+        meta: WriteMeta,
+    ) -> Result<u64, NodeError> {
+        debug_assert!(data.len() <= synod_consensus::MAX_INLINE);
+        let manifest = synod_chunker::chunk_slice(&data, self.params);
+        self.local
+            .put_manifest(&manifest)
+            .map_err(|e| NodeError::internal("storing the manifest", e))?;
+        let entry = Entry {
+            kind: EntryKind::File,
+            size: manifest.size(),
+            root: manifest.root(),
+            mode: meta.mode,
+            mtime_ns: meta.mtime_ns,
+            version: 0,
+            origin: self.id,
+            holders: vec![self.id],
+            tombstone: false,
+        };
+        let answer = self
+            .propose(Command::put_inline(path, entry, meta.expect, data))
+            .await;
+        self.answer_to_version(path, answer)
+    }
+
     pub async fn delete(&self, path: &NsPath, expect: Expect) -> Result<u64, NodeError> {
         let answer = self.propose(Command::delete(path, expect)).await;
         self.answer_to_version(path, answer)

@@ -648,6 +648,9 @@ async fn assemble<N: PeerNet>(
     entry: &Entry,
     local: Option<&LocalFile>,
 ) -> Result<(PathBuf, Manifest), MaterializeError> {
+    if let Some(ready) = from_inline(node, path, entry).await? {
+        return Ok(ready);
+    }
     let ids = manifest_ids(node, entry, local).await?;
     let tmp =
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
@@ -706,6 +709,54 @@ async fn assemble<N: PeerNet>(
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
     unfinished.0 = None;
     Ok((tmp, m))
+}
+
+/// The content of a small file that came in its log entry
+/// ([`synod_consensus::Command::PutInline`]), written to a fsynced temp
+/// file; `None` if this node keeps no inline bytes for it.
+async fn from_inline<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+    entry: &Entry,
+) -> Result<Option<(PathBuf, Manifest)>, MaterializeError> {
+    if entry.size > synod_consensus::MAX_INLINE as u64 {
+        return Ok(None);
+    }
+    let data = node
+        .reader
+        .view()
+        .inline_content(path, &entry.root)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    let Some(data) = data else {
+        return Ok(None);
+    };
+    let manifest = synod_chunker::chunk_slice(&data, node.params);
+    // The state machine checked the size; the root is the writer's claim.
+    if manifest.root() != entry.root {
+        return Err(MaterializeError::RootMismatch {
+            path: path.to_string(),
+            got: manifest.root(),
+            expected: entry.root,
+        });
+    }
+    let tmp =
+        fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
+    let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
+    let at = tmp.clone();
+    // Off the runtime: the fsync waits for the disk.
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&at)?;
+        f.write_all(&data)?;
+        f.sync_all()
+    })
+    .await
+    .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
+    .map_err(io_err(format!("writing {}", tmp.display())))?;
+    node.local
+        .put_manifest(&manifest)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    unfinished.0 = None;
+    Ok(Some((tmp, manifest)))
 }
 
 /// A temp file that is removed when this is dropped, unless taken.

@@ -43,6 +43,59 @@ fn a_put_appears_byte_identical_everywhere() {
 }
 
 #[test]
+fn a_small_put_travels_in_the_log_and_outlives_its_writer() {
+    let mut c = TestCluster::start(3);
+    let writer = (c.leader() % 3) + 1; // a follower: its proposal is forwarded
+                                       // Until a node has learnt the membership it cannot count on a quorum:
+                                       // its first write may push content instead.
+    c.client(writer).put("warm-up", &b"x"[..], None).unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "warm-up", b"x");
+    }
+    let before: Vec<u64> = (1..=3).map(|id| moved(&c, id)).collect();
+    let small: Vec<Vec<u8>> = (0..20u64)
+        .map(|i| random_bytes(100 + 200 * i as usize, i))
+        .collect();
+    for (i, data) in small.iter().enumerate() {
+        c.client(writer)
+            .put(&format!("small/{i}"), &data[..], None)
+            .unwrap();
+    }
+    for id in 1..=3 {
+        for (i, data) in small.iter().enumerate() {
+            c.must_see_file(id, &format!("small/{i}"), data);
+        }
+        assert_eq!(
+            moved(&c, id),
+            before[id - 1],
+            "node {id}: small files came in the log, not as chunk transfers"
+        );
+    }
+    // Answered means durable on a quorum: the writer may die at once.
+    let last = random_bytes(4096, 99);
+    c.client(writer).put("small/last", &last[..], None).unwrap();
+    c.kill_node(writer);
+    for id in (1..=3).filter(|&id| id != writer) {
+        c.must_see_file(id, "small/last", &last);
+    }
+}
+
+#[test]
+fn with_a_copy_on_every_node_small_files_are_pushed_before_the_commit() {
+    let c = TestCluster::start_with(3, "[replication]\ncopies = 3\n");
+    let data = random_bytes(1000, 7);
+    c.client(1).put("small", &data[..], None).unwrap();
+    // The commit alone would reach only a quorum: the content was pushed.
+    for id in 2..=3 {
+        assert!(
+            moved(&c, id) >= data.len() as u64,
+            "node {id} got the content pushed"
+        );
+        c.must_see_file(id, "small", &data);
+    }
+}
+
+#[test]
 fn an_edit_in_a_large_file_moves_only_changed_chunks() {
     let c = TestCluster::start(3);
     let mut data = random_bytes(64 << 20, 2);
