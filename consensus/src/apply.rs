@@ -41,8 +41,34 @@ pub(crate) fn split_blob(v: &[u8]) -> Option<(Hash, &[u8])> {
 
 /// Whether `e` may have inline content kept with it (only then is there
 /// anything to drop when the path changes).
-fn may_have_blob(e: Option<&Entry>) -> bool {
+pub(crate) fn may_have_blob(e: Option<&Entry>) -> bool {
     e.is_some_and(|e| e.is_live() && e.kind == EntryKind::File && e.size <= MAX_INLINE as u64)
+}
+
+/// `Put` and `PutInline`: `entry` at `path` if `expect` holds, with the
+/// inline content `data` or none.
+fn put(
+    view: &mut impl NamespaceView,
+    index: u64,
+    path: &NsPath,
+    entry: &Entry,
+    expect: Expect,
+    data: Option<&[u8]>,
+) -> Result<(), Answer> {
+    let cur = view.get(path.as_str());
+    if !expect_holds(expect, cur.as_ref()) {
+        return Err(Answer::Conflict { current: cur });
+    }
+    let mut new = entry.clone();
+    new.version = index;
+    new.tombstone = false;
+    view.set(path.as_str(), cur.as_ref(), new);
+    if let Some(data) = data {
+        view.set_blob(path.as_str(), Some(blob_value(&entry.root, data)));
+    } else if may_have_blob(cur.as_ref()) {
+        view.set_blob(path.as_str(), None);
+    }
+    Ok(())
 }
 
 /// True if `current` satisfies `expect`.
@@ -77,20 +103,7 @@ fn execute_inner(
             path,
             entry,
             expect,
-        } => {
-            let path = parse(path)?;
-            let cur = view.get(path.as_str());
-            if !expect_holds(*expect, cur.as_ref()) {
-                return Err(Answer::Conflict { current: cur });
-            }
-            let mut new = entry.clone();
-            new.version = index;
-            new.tombstone = false;
-            view.set(path.as_str(), cur.as_ref(), new);
-            if may_have_blob(cur.as_ref()) {
-                view.set_blob(path.as_str(), None);
-            }
-        }
+        } => put(view, index, &parse(path)?, entry, *expect, None)?,
         Command::PutInline {
             path,
             entry,
@@ -111,15 +124,7 @@ fn execute_inner(
                     ),
                 });
             }
-            let cur = view.get(path.as_str());
-            if !expect_holds(*expect, cur.as_ref()) {
-                return Err(Answer::Conflict { current: cur });
-            }
-            let mut new = entry.clone();
-            new.version = index;
-            new.tombstone = false;
-            view.set(path.as_str(), cur.as_ref(), new);
-            view.set_blob(path.as_str(), Some(blob_value(&entry.root, data)));
+            put(view, index, &path, entry, *expect, Some(data))?;
         }
         Command::Delete { path, expect } => {
             let path = parse(path)?;

@@ -30,14 +30,13 @@ use serde::{Deserialize, Serialize};
 use synod_merkle::Hash;
 use tokio::io::AsyncSeekExt;
 
-use crate::apply::split_blob;
+use crate::apply::{may_have_blob, split_blob};
 use crate::codec;
 use crate::command::Answer;
 use crate::ns_tree::{self, leaf_key, leaf_value, NsTreeError};
 use crate::state_machine::{
     answers_key, blob_key, change_key, entry_key, load_mem, preimage_key, AnswerRecord, Building,
-    SmMem, SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_BLOB, P_ENTRY,
-    P_PREIMAGE,
+    SmMem, SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_ENTRY, P_PREIMAGE,
 };
 use crate::storage::NodeStorage;
 use crate::types::{ClusterSettings, Entry, RequestId, SnapshotMeta, StorageError, TypeConfig};
@@ -452,10 +451,9 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
     };
     let mut n_entries = 0u64;
     let mut buf = Vec::with_capacity(FRAME_ITEMS);
-    // Inline content, by path like the entries: merged in one pass. A blob
-    // that no longer matches its entry at `cap.at` (the path changed during
-    // the build) is left out; the node then fetches the content from peers.
-    let mut blobs = st.sm.scan_prefix([P_BLOB]).peekable();
+    // Inline content of the entries. A blob that no longer matches its entry
+    // at `cap.at` (the path changed during the build) is left out; the node
+    // then fetches the content from peers.
     let mut bbuf: Vec<(String, serde_bytes::ByteBuf)> = Vec::new();
     let mut bbytes = 0usize;
     for kv in st.sm.scan_prefix([P_ENTRY]) {
@@ -483,26 +481,13 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
                 }
             }
         }
-        while let Some(Ok((bk, _))) = blobs.peek() {
-            if bk[1..] >= *p.as_bytes() {
-                break;
+        if may_have_blob(Some(&e)) {
+            if let Some(bv) = st.sm.get(blob_key(&p)).map_err(sled_err)? {
+                if split_blob(&bv).is_some_and(|(root, _)| root == e.root) {
+                    bbytes += bv.len();
+                    bbuf.push((p.clone(), serde_bytes::ByteBuf::from(bv.to_vec())));
+                }
             }
-            blobs.next();
-        }
-        if let Some(kv) =
-            blobs.next_if(|kv| kv.as_ref().is_ok_and(|(bk, _)| bk[1..] == *p.as_bytes()))
-        {
-            let (_, bv) = kv.map_err(sled_err)?;
-            if e.is_live() && split_blob(&bv).is_some_and(|(root, _)| root == e.root) {
-                bbytes += bv.len();
-                bbuf.push((p.clone(), serde_bytes::ByteBuf::from(bv.to_vec())));
-            }
-        }
-        if let Some(Err(_)) = blobs.peek() {
-            let Some(Err(e)) = blobs.next() else {
-                unreachable!("peeked an error")
-            };
-            return Err(sled_err(e));
         }
         buf.push((p, e));
         if bbytes >= BLOB_FRAME_BYTES || bbuf.len() == FRAME_ITEMS {

@@ -53,18 +53,20 @@ pub(crate) const M_SETTINGS: &[u8] = b"m/settings";
 /// Set while a snapshot is being loaded; on open it means "reload it".
 pub(crate) const M_INSTALLING: &[u8] = b"m/installing";
 
-pub(crate) fn entry_key(path: &str) -> Vec<u8> {
+/// `prefix` then the path: the key of a per-path record.
+fn path_key(prefix: u8, path: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + path.len());
-    k.push(P_ENTRY);
+    k.push(prefix);
     k.extend_from_slice(path.as_bytes());
     k
 }
 
+pub(crate) fn entry_key(path: &str) -> Vec<u8> {
+    path_key(P_ENTRY, path)
+}
+
 pub(crate) fn blob_key(path: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + path.len());
-    k.push(P_BLOB);
-    k.extend_from_slice(path.as_bytes());
-    k
+    path_key(P_BLOB, path)
 }
 
 pub(crate) fn change_key(version: u64, path: &str) -> Vec<u8> {
@@ -137,10 +139,7 @@ pub(crate) struct Building {
 }
 
 pub(crate) fn preimage_key(path: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(1 + path.len());
-    k.push(P_PREIMAGE);
-    k.extend_from_slice(path.as_bytes());
-    k
+    path_key(P_PREIMAGE, path)
 }
 
 /// In-memory state guarded by the apply gate (also taken by snapshot builds).

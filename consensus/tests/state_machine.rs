@@ -244,6 +244,17 @@ async fn read_all(mut f: tokio::fs::File) -> Vec<u8> {
     b
 }
 
+/// Builds a snapshot of `sm`: its description and its bytes.
+async fn must_build(sm: &mut StateMachineStore) -> (synod_consensus::types::SnapshotMeta, Vec<u8>) {
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .expect("build");
+    (snap.meta, read_all(*snap.snapshot).await)
+}
+
 async fn must_install(
     sm: &mut StateMachineStore,
     meta: &synod_consensus::types::SnapshotMeta,
@@ -281,34 +292,28 @@ async fn snapshot_round_trip_and_bad_snapshots_are_refused() {
         )],
     )
     .await;
-    let snap = sm1
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build");
-    let bytes = read_all(*snap.snapshot).await;
+    let (meta, bytes) = must_build(&mut sm1).await;
     let cur = sm1
         .get_current_snapshot()
         .await
         .expect("current")
         .expect("some");
-    assert_eq!(cur.meta, snap.meta);
+    assert_eq!(cur.meta, meta);
 
     let before = sm2.view().all().expect("all");
     let truncated = &bytes[..bytes.len() / 2];
-    let err = must_install(&mut sm2, &snap.meta, truncated)
+    let err = must_install(&mut sm2, &meta, truncated)
         .await
         .expect_err("truncated");
     assert!(err.to_string().contains("snapshot"), "{err}");
     let mut garbage = bytes.clone();
     let mid = garbage.len() / 2;
     garbage[mid] ^= 0xFF;
-    let err = must_install(&mut sm2, &snap.meta, &garbage)
+    let err = must_install(&mut sm2, &meta, &garbage)
         .await
         .expect_err("garbage");
     tracing::info!(%err, "garbage refused");
-    assert!(must_install(&mut sm2, &snap.meta, b"not a snapshot")
+    assert!(must_install(&mut sm2, &meta, b"not a snapshot")
         .await
         .is_err());
     let leftovers: Vec<_> = std::fs::read_dir(d2.path().join("snapshots"))
@@ -326,7 +331,7 @@ async fn snapshot_round_trip_and_bad_snapshots_are_refused() {
         "nothing applied from a bad snapshot"
     );
 
-    must_install(&mut sm2, &snap.meta, &bytes)
+    must_install(&mut sm2, &meta, &bytes)
         .await
         .expect("install");
     assert_eq!(
@@ -336,7 +341,7 @@ async fn snapshot_round_trip_and_bad_snapshots_are_refused() {
     assert_eq!(sm2.view().namespace_root(), sm1.view().namespace_root());
     assert_eq!(
         sm2.applied_state().await.expect("applied").0,
-        snap.meta.last_log_id
+        meta.last_log_id
     );
     // Remembered answers travel with the snapshot.
     let r = must_apply(
@@ -357,7 +362,7 @@ async fn snapshot_round_trip_and_bad_snapshots_are_refused() {
             .expect("current")
             .expect("some")
             .meta,
-        snap.meta
+        meta
     );
 }
 
@@ -437,14 +442,8 @@ async fn inline_content_survives_reopen_and_travels_in_snapshots() {
     let (_l1, mut sm1) = open_stores(d1.path(), "c").expect("reopen");
     check(&sm1);
 
-    let snap = sm1
-        .get_snapshot_builder()
-        .await
-        .build_snapshot()
-        .await
-        .expect("build");
-    let bytes = read_all(*snap.snapshot).await;
-    must_install(&mut sm2, &snap.meta, &bytes)
+    let (meta, bytes) = must_build(&mut sm1).await;
+    must_install(&mut sm2, &meta, &bytes)
         .await
         .expect("install");
     check(&sm2);

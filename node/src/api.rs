@@ -423,11 +423,14 @@ async fn put_file<N: PeerNet>(
             limit: s.max_upload_bytes,
         });
     }
-    let now_ns = || {
-        crate::lab_hooks::now()
+    // Stamped when the body has arrived.
+    let meta = move || WriteMeta {
+        expect,
+        mode: 0o644,
+        mtime_ns: crate::lab_hooks::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_nanos() as i64)
-            .unwrap_or(0)
+            .unwrap_or(0),
     };
     // A small file whose commit alone makes it durable on enough nodes
     // travels in the log entry itself.
@@ -459,12 +462,7 @@ async fn put_file<N: PeerNet>(
                         if head.len() as u64 > limit {
                             return Err(NodeError::TooLarge { limit });
                         }
-                        let meta = WriteMeta {
-                            expect,
-                            mode: 0o644,
-                            mtime_ns: now_ns(),
-                        };
-                        return node.write_inline(&write_path, head, meta).await;
+                        return node.write_inline(&write_path, head, meta()).await;
                     }
                 }
             }
@@ -475,12 +473,7 @@ async fn put_file<N: PeerNet>(
             let _ = tokio::fs::remove_file(&tmp).await;
             return Err(e);
         }
-        let meta = WriteMeta {
-            expect,
-            mode: 0o644,
-            mtime_ns: now_ns(),
-        };
-        node.write_file(&write_path, tmp, meta).await
+        node.write_file(&write_path, tmp, meta()).await
     })
     .await
     .map_err(|e| NodeError::internal("upload task", e))??;

@@ -196,9 +196,10 @@ impl<N: PeerNet> SyncNode<N> {
     /// Whether a commit alone leaves content in the log of `replication`
     /// nodes: then a small file may travel inline (see [`Self::write_inline`]).
     pub fn commit_covers_replication(&self) -> bool {
-        let m = self.raft.metrics().borrow().clone();
+        let metrics = self.raft.metrics();
         // A joint membership commits on a majority of each configuration.
-        let quorum = m
+        let quorum = metrics
+            .borrow()
             .membership_config
             .membership()
             .get_joint_config()
@@ -220,10 +221,8 @@ impl<N: PeerNet> SyncNode<N> {
         meta: WriteMeta,
     ) -> Result<u64, NodeError> {
         debug_assert!(data.len() <= synod_consensus::MAX_INLINE);
+        // The manifest is stored where the content is placed (materializer).
         let manifest = synod_chunker::chunk_slice(&data, self.params);
-        self.local
-            .put_manifest(&manifest)
-            .map_err(|e| NodeError::internal("storing the manifest", e))?;
         let entry = Entry {
             kind: EntryKind::File,
             size: manifest.size(),
