@@ -245,6 +245,12 @@ pub fn chunk_slice(data: &[u8], params: ChunkParams) -> Manifest {
     Manifest::from_chunks(params, chunks)
 }
 
+/// [`chunk_slice`] with the cluster's `base` parameters scaled to the
+/// slice's length ([`ChunkParams::for_size`]).
+pub fn chunk_slice_scaled(data: &[u8], base: ChunkParams) -> Manifest {
+    chunk_slice(data, base.for_size(data.len() as u64))
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;

@@ -142,6 +142,15 @@ pub fn chunk_file(path: &Path, params: ChunkParams) -> Result<Manifest, ChunkFil
     chunk_file_with_hook(path, params, DEFAULT_BUFFER_SIZE, || {})
 }
 
+/// [`chunk_file`] with the cluster's `base` parameters scaled to the file's
+/// size ([`ChunkParams::for_size`]), the size being the one seen when the
+/// file was opened (a file that changes size meanwhile is refused anyway).
+pub fn chunk_file_scaled(path: &Path, base: ChunkParams) -> Result<Manifest, ChunkFileError> {
+    let opened = OpenedFile::open(path)?;
+    let params = base.for_size(opened.before.size);
+    chunk_opened(opened, params, DEFAULT_BUFFER_SIZE, || {})
+}
+
 /// [`chunk_file`] with a chosen buffer and a hook run once, after the first
 /// read returned data (tests modify the file there, deterministically).
 pub(crate) fn chunk_file_with_hook(
@@ -150,7 +159,15 @@ pub(crate) fn chunk_file_with_hook(
     buffer_size: usize,
     hook: impl FnOnce(),
 ) -> Result<Manifest, ChunkFileError> {
-    let opened = OpenedFile::open(path)?;
+    chunk_opened(OpenedFile::open(path)?, params, buffer_size, hook)
+}
+
+fn chunk_opened(
+    opened: OpenedFile<'_>,
+    params: ChunkParams,
+    buffer_size: usize,
+    hook: impl FnOnce(),
+) -> Result<Manifest, ChunkFileError> {
     let reader = AfterFirstRead {
         inner: &opened.file,
         hook: Some(hook),

@@ -10,7 +10,9 @@
 //! `tests/vectors.rs` pin them.
 //!
 //! Layout:
-//! - `params`: [`ChunkParams`], always-valid min/avg/max sizes.
+//! - `params`: [`ChunkParams`], always-valid min/avg/max sizes, and their
+//!   scaling to a file's size ([`ChunkParams::for_size`]: smaller chunks for
+//!   small files; the `*_scaled` functions apply it).
 //! - `chunking`: the FastCDC cutter, streaming over any `Read` in bounded
 //!   memory ([`chunk_reader`]) and over slices ([`chunk_slice`]).
 //! - `file`: [`chunk_file`] and [`chunk_file_parallel`], which refuse files
@@ -30,10 +32,12 @@ mod manifest;
 mod parallel;
 mod params;
 
-pub use chunking::{chunk_reader, chunk_slice, ChunkError};
-pub use file::{chunk_file, chunk_file_parallel, ChunkFileError};
+pub use chunking::{chunk_reader, chunk_slice, chunk_slice_scaled, ChunkError};
+pub use file::{chunk_file, chunk_file_parallel, chunk_file_scaled, ChunkFileError};
 pub use index::{ChunkIndex, ChunkLocation, ChunkReadError, IndexError};
 pub use manifest::{ChunkRef, Manifest, ManifestError};
 pub use parallel::chunk_slice_parallel;
-pub use params::{ChunkParams, ChunkParamsError, AVG_BOUNDS, MAX_BOUNDS, MIN_BOUNDS};
+pub use params::{
+    ChunkParams, ChunkParamsError, AVG_BOUNDS, MAX_BOUNDS, MIN_BOUNDS, SCALE_CHUNKS, SCALE_MIN_AVG,
+};
 pub use synod_merkle::Hash;

@@ -117,6 +117,37 @@ impl ChunkParams {
     }
 }
 
+/// A file gets at least this many average chunks before its parameters
+/// stop shrinking (see [`ChunkParams::for_size`]).
+pub const SCALE_CHUNKS: u64 = 16;
+/// The smallest average chunk size scaling goes down to: below it, the ids
+/// and per-chunk bookkeeping outweigh what a smaller edit saves.
+pub const SCALE_MIN_AVG: u32 = 2 << 10;
+
+impl ChunkParams {
+    /// The parameters a file of `size` bytes is cut with when these are the
+    /// cluster's: halved (all three sizes) while the file would have fewer
+    /// than [`SCALE_CHUNKS`] average chunks, down to an average of
+    /// [`SCALE_MIN_AVG`] or the chunker's bounds: the average is the largest
+    /// power of two at most `size / 16`. With the defaults a 100 KiB file
+    /// gets 4 KiB chunks instead of one or two 64 KiB ones, so a small edit
+    /// in it costs a few KiB on the wire; files of 1 MiB and more keep the
+    /// cluster's sizes.
+    ///
+    /// Part of the format: every node must cut a file alike, and a manifest
+    /// records the parameters it was cut with.
+    pub fn for_size(self, size: u64) -> ChunkParams {
+        let mut p = self;
+        while size < u64::from(p.avg) * SCALE_CHUNKS && p.avg / 2 >= SCALE_MIN_AVG {
+            match ChunkParams::new((p.min / 2) & !1, p.avg / 2, (p.max / 2) & !1) {
+                Ok(half) => p = half,
+                Err(_) => break,
+            }
+        }
+        p
+    }
+}
+
 impl Default for ChunkParams {
     fn default() -> Self {
         ChunkParams::DEFAULT
@@ -126,6 +157,42 @@ impl Default for ChunkParams {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_scale_down_for_small_files_only() {
+        let d = ChunkParams::default();
+        let sizes = |size| {
+            let p = d.for_size(size);
+            (p.min(), p.avg(), p.max())
+        };
+        assert_eq!(sizes(0), (512, 2048, 8192));
+        assert_eq!(sizes(32 << 10), (512, 2048, 8192));
+        assert_eq!(sizes(100 << 10), (1024, 4096, 16384));
+        assert_eq!(sizes(128 << 10), (2048, 8192, 32768));
+        assert_eq!(sizes((256 << 10) - 1), (2048, 8192, 32768));
+        assert_eq!(sizes(256 << 10), (4096, 16384, 65536));
+        assert_eq!(sizes(1 << 20), (16384, 65536, 262144));
+        assert_eq!(sizes(u64::MAX), (16384, 65536, 262144));
+        // Monotone: a larger file never gets smaller chunks.
+        let mut last = 0;
+        for size in (0..(2u64 << 20)).step_by(4099) {
+            let avg = d.for_size(size).avg();
+            assert!(avg >= last, "avg {avg} at {size} after {last}");
+            last = avg;
+        }
+    }
+
+    #[test]
+    fn scaling_stays_within_the_chunker_bounds() {
+        // Odd halves round down to even; a half out of bounds stops scaling.
+        let p = ChunkParams::new(1030, 4096, 16386).expect("valid");
+        let s = p.for_size(0);
+        assert_eq!((s.min(), s.avg(), s.max()), (514, 2048, 8192));
+        let tiny = ChunkParams::new(64, 4096, 1 << 20).expect("valid");
+        assert_eq!(tiny.for_size(0), tiny);
+        let small = ChunkParams::new(64, 256, 1024).expect("valid");
+        assert_eq!(small.for_size(0), small);
+    }
 
     #[test]
     fn default_is_valid_and_matches_the_design() {

@@ -9,7 +9,8 @@
 
 use fastcdc::v2020::FastCDC;
 use synod_chunker::{
-    chunk_file, chunk_reader, chunk_slice, chunk_slice_parallel, ChunkParams, Manifest,
+    chunk_file, chunk_file_scaled, chunk_reader, chunk_slice, chunk_slice_parallel,
+    chunk_slice_scaled, ChunkParams, Manifest,
 };
 
 /// 1 MiB of deterministic pseudo-random bytes.
@@ -101,5 +102,51 @@ fn small_params_vector() {
     assert_eq!(
         m.root().to_string(),
         "81aa79438c4807e748a2d7b33481a373c9cb9f37631b9e2d8d14f091d5860320"
+    );
+}
+
+/// Scaled parameters are part of the format too: a 100 KiB prefix of the
+/// vector is cut with 1/4/16 KiB, the same in memory and from a file, and a
+/// 100-byte edit in its middle changes only the chunks around it.
+#[test]
+fn scaled_params_vector() {
+    let data = &vector_input()[..100 << 10];
+    let base = ChunkParams::default();
+    let p = base.for_size(data.len() as u64);
+    assert_eq!((p.min(), p.avg(), p.max()), (1024, 4096, 16384));
+    let m = must_chunk_everywhere(data, p);
+    assert_eq!(chunk_slice_scaled(data, base), m);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("scaled");
+    std::fs::write(&path, data).expect("write vector");
+    assert_eq!(chunk_file_scaled(&path, base).expect("chunk file"), m);
+    assert_eq!(m.params(), p);
+    assert_eq!(
+        offsets(&m),
+        [
+            0, 4315, 13139, 19959, 26612, 31152, 33987, 35884, 42688, 47973, 49428, 52046, 57252,
+            67222, 69658, 74247, 80785, 89868, 95757
+        ]
+    );
+    assert_eq!(
+        m.root().to_string(),
+        "5e06fda56a3868fb6a6834268a6ee68c40ffc3e9f6377e66650a8aadeb0b1a20"
+    );
+
+    let mut edited = data.to_vec();
+    let mid = edited.len() / 2;
+    edited[mid..mid + 100].fill(0xa5);
+    let e = chunk_slice_scaled(&edited, base);
+    let old: std::collections::HashSet<_> = m.chunk_ids().collect();
+    let new_bytes: u64 = e
+        .chunks()
+        .iter()
+        .filter(|c| !old.contains(&c.id))
+        .map(|c| u64::from(c.len))
+        .sum();
+    // Unscaled, the same edit costs a whole 16-256 KiB chunk.
+    assert!(
+        (1..=2 * 16384).contains(&new_bytes),
+        "a 100-byte edit needs {new_bytes} new bytes"
     );
 }

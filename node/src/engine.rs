@@ -24,15 +24,21 @@ use crate::error::NodeError;
 use crate::local::{LocalFile, LocalState};
 use crate::metrics::Metrics;
 use crate::peers::{ForwardOutcome, PeerNet};
+use crate::pushed::PushedManifest;
 use crate::staging::Staging;
 
 /// Most bytes of chunks in one push or fetch request.
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most chunks in one push or fetch request.
 pub const BATCH_CHUNKS: usize = 16;
-/// Files up to this size are pushed without asking which chunks the peer
-/// lacks (one round trip saved; at worst a few KiB sent twice).
-pub(crate) const SEND_WITHOUT_ASKING: u64 = 256 << 10;
+/// A push of at most this many bytes goes without asking which chunks the
+/// peer lacks (one round trip saved; at worst this much sent twice). Above
+/// it, asking first is what keeps an edit of a file the peer already holds
+/// down to the changed chunks.
+const SEND_WITHOUT_ASKING: u64 = 64 << 10;
+/// Files up to this size are replicated in batches (one push and one sync
+/// on the receiver for many files); larger ones one by one.
+pub(crate) const BATCHED_FILE_MAX: u64 = 256 << 10;
 /// Most chunks in one push request (the transport's limit per request).
 const PUSH_CHUNKS: usize = synod_transport::MAX_CHUNKS_PER_REQUEST;
 /// Most bytes of encoded manifests in one push request.
@@ -132,7 +138,7 @@ impl<N: PeerNet> SyncNode<N> {
         let params = self.params;
         let file = tmp.to_owned();
         let manifest =
-            tokio::task::spawn_blocking(move || synod_chunker::chunk_file(&file, params))
+            tokio::task::spawn_blocking(move || synod_chunker::chunk_file_scaled(&file, params))
                 .await
                 .map_err(|e| NodeError::internal("chunking task", e))?
                 .map_err(|e| NodeError::internal("chunking the upload", e))?;
@@ -142,7 +148,8 @@ impl<N: PeerNet> SyncNode<N> {
             .put_manifest(&manifest)
             .map_err(|e| NodeError::internal("storing the manifest", e))?;
         let limit = self.content_timeout(manifest.size());
-        let holders = tokio::time::timeout(limit, self.replicate(&manifest, tmp))
+        let base = self.base_manifest(path.as_str());
+        let holders = tokio::time::timeout(limit, self.replicate(&manifest, tmp, base.as_ref()))
             .await
             .map_err(|_| {
                 NodeError::Unavailable(format!(
@@ -222,7 +229,7 @@ impl<N: PeerNet> SyncNode<N> {
     ) -> Result<u64, NodeError> {
         debug_assert!(data.len() <= synod_consensus::MAX_INLINE);
         // The manifest is stored where the content is placed (materializer).
-        let manifest = synod_chunker::chunk_slice(&data, self.params);
+        let manifest = synod_chunker::chunk_slice_scaled(&data, self.params);
         let entry = Entry {
             kind: EntryKind::File,
             size: manifest.size(),
@@ -286,8 +293,21 @@ impl<N: PeerNet> SyncNode<N> {
         &self,
         manifest: &Manifest,
         file: &Path,
+        base: Option<&Manifest>,
     ) -> Result<Vec<NodeId>, NodeError> {
-        self.replicate_many(&[(manifest, file)]).await
+        self.replicate_many(&[(manifest, file, base)]).await
+    }
+
+    /// The manifest of the committed version of `path`, if this node holds
+    /// it: what peers most likely hold too, so a new version's manifest can
+    /// travel as a patch of it.
+    pub(crate) fn base_manifest(&self, path: &str) -> Option<Manifest> {
+        let path = NsPath::parse(path).ok()?;
+        let entry = self.reader.view().get(&path).ok()??;
+        if entry.tombstone || entry.kind != EntryKind::File {
+            return None;
+        }
+        self.local.manifest(&entry.root).ok()?
     }
 
     /// [`Self::replicate`] for several files at once: per peer, their
@@ -296,7 +316,7 @@ impl<N: PeerNet> SyncNode<N> {
     /// few round trips per batch instead of two fsyncs per file.
     pub(crate) async fn replicate_many(
         &self,
-        files: &[(&Manifest, &Path)],
+        files: &[(&Manifest, &Path, Option<&Manifest>)],
     ) -> Result<Vec<NodeId>, NodeError> {
         let mut holders = vec![self.id];
         let need = (self.replication as usize).saturating_sub(1);
@@ -349,26 +369,24 @@ impl<N: PeerNet> SyncNode<N> {
     async fn push_missing(
         &self,
         peer: NodeId,
-        files: &[(&Manifest, &Path)],
+        files: &[(&Manifest, &Path, Option<&Manifest>)],
     ) -> Result<(), NodeError> {
         let mut missing = HashSet::new();
-        // A small file costs less to send than to ask about first.
-        let asked: Vec<Hash> = {
+        // A small push costs less to send than to ask about first.
+        let total: u64 = files.iter().map(|(m, _, _)| m.size()).sum();
+        let unique: Vec<Hash> = {
             let mut seen = HashSet::new();
             files
                 .iter()
-                .flat_map(|(m, _)| {
-                    let ask = m.size() > SEND_WITHOUT_ASKING;
-                    m.chunk_ids().map(move |id| (id, ask))
-                })
-                .filter(|(id, _)| seen.insert(*id))
-                .filter_map(|(id, ask)| {
-                    if !ask {
-                        missing.insert(id);
-                    }
-                    ask.then_some(id)
-                })
+                .flat_map(|(m, _, _)| m.chunk_ids())
+                .filter(|id| seen.insert(*id))
                 .collect()
+        };
+        let asked = if total > SEND_WITHOUT_ASKING {
+            unique
+        } else {
+            missing.extend(unique);
+            Vec::new()
         };
         for ids in asked.chunks(4096) {
             let lacks = self
@@ -383,7 +401,7 @@ impl<N: PeerNet> SyncNode<N> {
             let mut done = HashSet::new();
             files
                 .iter()
-                .flat_map(|(m, file)| m.chunks().iter().map(move |c| (*file, *c)))
+                .flat_map(|(m, file, _)| m.chunks().iter().map(move |c| (*file, *c)))
                 .filter(|(_, c)| missing.contains(&c.id) && done.insert(c.id))
                 .collect()
         };
@@ -407,28 +425,25 @@ impl<N: PeerNet> SyncNode<N> {
         // node too. The manifests travel alongside, not after, the chunks:
         // the commit waits for both anyway.
         let send_manifests = async {
-            // Requests kept well under the transport's frame limit.
-            let mut requests: Vec<(Vec<Vec<u8>>, usize)> = Vec::new();
-            for (m, _) in files {
-                let bytes = crate::local::encode(*m);
-                match requests.last_mut() {
-                    Some((list, size)) if *size + bytes.len() <= MANIFEST_PUSH_BYTES => {
-                        *size += bytes.len();
-                        list.push(bytes);
-                    }
-                    _ => {
-                        let n = bytes.len();
-                        requests.push((vec![bytes], n));
-                    }
+            let pushed: Vec<PushedManifest> = files
+                .iter()
+                .map(|(m, _, base)| PushedManifest::of(m, *base))
+                .collect();
+            if !pushed.iter().any(PushedManifest::is_patch) {
+                return self.push_manifest_list(peer, &pushed).await;
+            }
+            match self.push_manifest_list(peer, &pushed).await {
+                Ok(()) => Ok(()),
+                // The peer lacks a base (it missed that version): whole.
+                Err(e) => {
+                    debug!(peer, cause = %e, "manifest patches refused; pushing them whole");
+                    let whole: Vec<PushedManifest> = files
+                        .iter()
+                        .map(|(m, _, _)| PushedManifest::Whole((*m).clone()))
+                        .collect();
+                    self.push_manifest_list(peer, &whole).await
                 }
             }
-            for (list, _) in requests {
-                self.net
-                    .push_manifests(peer, list)
-                    .await
-                    .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-            }
-            Ok::<(), NodeError>(())
         };
         // A few pushes in flight: the receiver's fsync of one batch overlaps
         // the transfer of the next.
@@ -750,15 +765,50 @@ impl<N: PeerNet> SyncNode<N> {
         Ok(())
     }
 
+    /// Pushes manifests in requests kept well under the transport's frame limit.
+    async fn push_manifest_list(
+        &self,
+        peer: NodeId,
+        list: &[PushedManifest],
+    ) -> Result<(), NodeError> {
+        let mut requests: Vec<(Vec<Vec<u8>>, usize)> = Vec::new();
+        for m in list {
+            let bytes = crate::local::encode(m);
+            match requests.last_mut() {
+                Some((list, size)) if *size + bytes.len() <= MANIFEST_PUSH_BYTES => {
+                    *size += bytes.len();
+                    list.push(bytes);
+                }
+                _ => {
+                    let n = bytes.len();
+                    requests.push((vec![bytes], n));
+                }
+            }
+        }
+        for (list, _) in requests {
+            self.net
+                .push_manifests(peer, list)
+                .await
+                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        }
+        Ok(())
+    }
+
     /// Stores manifests pushed by a writer, durably (one flush for the
     /// lot), after checking each decodes into a consistent manifest; one
     /// that does not refuses the whole push and stores none.
     pub async fn store_pushed_manifests(&self, list: &[Vec<u8>]) -> Result<(), String> {
+        let bytes: usize = list.iter().map(Vec::len).sum();
+        Metrics::add(&self.metrics.manifest_bytes_received, bytes as u64);
         let manifests = list
             .iter()
             .enumerate()
             .map(|(i, bytes)| {
-                crate::local::decode::<Manifest>("pushed manifest", bytes)
+                crate::local::decode::<PushedManifest>("pushed manifest", bytes)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| {
+                        p.resolve(|root| self.local.manifest(root).map_err(|e| e.to_string()))
+                    })
                     .map_err(|e| format!("manifest {} of {}: {e}", i + 1, list.len()))
             })
             .collect::<Result<Vec<_>, _>>()?;

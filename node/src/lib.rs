@@ -40,6 +40,7 @@ pub mod materializer;
 pub mod metrics;
 pub mod peers;
 pub mod progress;
+mod pushed;
 pub mod scanner;
 pub mod staging;
 pub mod status;

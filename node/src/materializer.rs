@@ -465,7 +465,7 @@ fn make_directory<N: PeerNet>(
         path,
         entry,
         target,
-        &synod_chunker::chunk_slice(&[], node.params),
+        &synod_chunker::chunk_slice_scaled(&[], node.params),
     )?;
     debug!(path = %path, version = entry.version, "directory materialized");
     Ok(())
@@ -623,7 +623,7 @@ fn preserve_local_edit<N: PeerNet>(
     // A crash between placing a file and recording it leaves our own bytes
     // with an unknown stamp: content we wrote is not a user's edit.
     if meta.is_file() {
-        if let Ok(m) = synod_chunker::chunk_file(target, node.params) {
+        if let Ok(m) = synod_chunker::chunk_file_scaled(target, node.params) {
             let ours = local.is_some_and(|l| l.root == m.root()) || incoming == Some(m.root());
             if ours {
                 return Ok(());
@@ -686,13 +686,12 @@ async fn assemble<N: PeerNet>(
             blob.extend_from_slice(id.as_bytes());
         }
         let manifest =
-            Manifest::from_parts(node.params, entry.size, &blob, &lens).map_err(|_| {
-                MaterializeError::RootMismatch {
+            Manifest::from_parts(node.params.for_size(entry.size), entry.size, &blob, &lens)
+                .map_err(|_| MaterializeError::RootMismatch {
                     path: path.to_string(),
                     got: Hash::ZERO,
                     expected: entry.root,
-                }
-            })?;
+                })?;
         if manifest.root() != entry.root {
             return Err(MaterializeError::RootMismatch {
                 path: path.to_string(),
@@ -730,7 +729,7 @@ async fn from_inline<N: PeerNet>(
     let Some(data) = data else {
         return Ok(None);
     };
-    let manifest = synod_chunker::chunk_slice(&data, node.params);
+    let manifest = synod_chunker::chunk_slice_scaled(&data, node.params);
     // The state machine checked the size; the root is the writer's claim.
     if manifest.root() != entry.root {
         return Err(MaterializeError::RootMismatch {

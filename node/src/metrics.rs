@@ -71,6 +71,8 @@ counters! {
     bytes_pushed,
     /// Chunk bytes peers pushed to this node.
     bytes_received_pushed,
+    /// Encoded manifest bytes peers pushed to this node (whole or patches).
+    manifest_bytes_received,
     /// Chunks fetched from peers and verified.
     chunks_fetched,
     /// Fetched chunks whose bytes did not match their id (pushed ones are

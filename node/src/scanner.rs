@@ -21,7 +21,7 @@ use synod_merkle::Hash;
 use tokio::sync::{broadcast, Notify};
 use tracing::{debug, info, warn};
 
-use crate::engine::{SyncNode, SEND_WITHOUT_ASKING};
+use crate::engine::{SyncNode, BATCHED_FILE_MAX};
 use crate::error::NodeError;
 use crate::fsutil;
 use crate::local::{LocalFile, PendingEdit};
@@ -612,7 +612,7 @@ async fn prepare<N: PeerNet>(
                     EntryKind::Symlink => link_content(node, found).await,
                     // Nothing to carry but the name.
                     EntryKind::Directory => Ok(Some((
-                        synod_chunker::chunk_slice(&[], node.params),
+                        synod_chunker::chunk_slice_scaled(&[], node.params),
                         PathBuf::new(),
                     ))),
                 },
@@ -666,7 +666,7 @@ async fn prepare<N: PeerNet>(
             ));
             continue;
         }
-        if manifest.size() <= SEND_WITHOUT_ASKING {
+        if manifest.size() <= BATCHED_FILE_MAX {
             small.push((op, manifest, source));
         } else {
             big.push((op, manifest, source));
@@ -675,9 +675,9 @@ async fn prepare<N: PeerNet>(
     let one_by_one = |files: Vec<(Op, Manifest, PathBuf)>| {
         stream::iter(files)
             .map(|(op, manifest, source)| async move {
-                let replicated =
-                    replicate_within(node, manifest.size(), node.replicate(&manifest, &source))
-                        .await;
+                let base = node.base_manifest(op.path());
+                let replicate = node.replicate(&manifest, &source, base.as_ref());
+                let replicated = replicate_within(node, manifest.size(), replicate).await;
                 match replicated {
                     Ok(holders) => Outcome::Ready(Prepared {
                         op,
@@ -692,8 +692,15 @@ async fn prepare<N: PeerNet>(
     };
     let small_done = async {
         let total: u64 = small.iter().map(|(_, m, _)| m.size()).sum();
-        let files: Vec<(&Manifest, &Path)> =
-            small.iter().map(|(_, m, p)| (m, p.as_path())).collect();
+        let bases: Vec<Option<Manifest>> = small
+            .iter()
+            .map(|(op, _, _)| node.base_manifest(op.path()))
+            .collect();
+        let files: Vec<(&Manifest, &Path, Option<&Manifest>)> = small
+            .iter()
+            .zip(&bases)
+            .map(|((_, m, p), base)| (m, p.as_path(), base.as_ref()))
+            .collect();
         match replicate_within(node, total, node.replicate_many(&files)).await {
             Ok(holders) => small
                 .into_iter()
@@ -756,7 +763,7 @@ async fn chunk_stable<N: PeerNet>(
     let params = node.params;
     let f = found.clone();
     let manifest = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Manifest>> {
-        let m = match synod_chunker::chunk_file(&f.abs, params) {
+        let m = match synod_chunker::chunk_file_scaled(&f.abs, params) {
             Ok(m) => m,
             // Still there but changed while read: still being written.
             Err(synod_chunker::ChunkFileError::ChangedWhileReading { .. })
@@ -808,7 +815,7 @@ async fn link_content<N: PeerNet>(
             return Ok(None);
         }
         let bytes = target.as_os_str().as_encoded_bytes();
-        let m = synod_chunker::chunk_slice(bytes, params);
+        let m = synod_chunker::chunk_slice_scaled(bytes, params);
         let kept = fsutil::keep_link_target(&folder, &m, bytes)?;
         local
             .index()

@@ -103,7 +103,8 @@ async fn run<N: PeerNet>(node: &Arc<SyncNode<N>>, shared: &Shared) {
             if meta.len() != rec.size || fsutil::stamp(&meta) != (rec.mtime_ns, rec.inode) {
                 return Ok(None);
             }
-            let m = synod_chunker::chunk_file(&abs, params).map_err(std::io::Error::other)?;
+            let m =
+                synod_chunker::chunk_file_scaled(&abs, params).map_err(std::io::Error::other)?;
             // Edited while we read it: the scanner's business, not rot.
             let after = std::fs::symlink_metadata(&abs)?;
             if after.len() != rec.size || fsutil::stamp(&after) != (rec.mtime_ns, rec.inode) {

@@ -103,7 +103,9 @@ fn an_edit_in_a_large_file_moves_only_changed_chunks() {
     for id in 2..=3 {
         c.must_see_file(id, "big.bin", &data);
     }
-    let before: Vec<u64> = (2..=3).map(|id| moved(&c, id)).collect();
+    let before: Vec<(u64, u64)> = (2..=3)
+        .map(|id| (moved(&c, id), manifests(&c, id)))
+        .collect();
     // Overwrite 100 bytes in the middle.
     let mid = data.len() / 2;
     data[mid..mid + 100].copy_from_slice(&[0xAB; 100]);
@@ -112,13 +114,54 @@ fn an_edit_in_a_large_file_moves_only_changed_chunks() {
         c.must_see_file(id, "big.bin", &data);
     }
     for (k, id) in (2..=3).enumerate() {
-        let delta = moved(&c, id) - before[k];
-        eprintln!("node {id} received {delta} bytes for a 100-byte edit of a 64 MiB file");
+        let delta = moved(&c, id) - before[k].0;
+        let listed = manifests(&c, id) - before[k].1;
+        eprintln!(
+            "node {id} received {delta} chunk bytes and {listed} manifest bytes for a 100-byte edit of a 64 MiB file"
+        );
         assert!(
             delta < 1 << 20,
             "node {id} received {delta} bytes, expected < 1 MiB"
         );
+        // The whole manifest (about 1,000 ids) is 36 KiB: a patch of the
+        // version the node holds carries the few new ids.
+        assert!(
+            listed < 4 << 10,
+            "node {id} received {listed} manifest bytes, expected a patch < 4 KiB"
+        );
     }
+}
+
+#[test]
+fn an_edit_in_a_small_file_moves_a_few_small_chunks() {
+    let c = TestCluster::start(3);
+    let mut data = random_bytes(100 << 10, 5);
+    c.client(1).put("notes.bin", &data[..], None).unwrap();
+    for id in 2..=3 {
+        c.must_see_file(id, "notes.bin", &data);
+    }
+    let before: Vec<u64> = (2..=3).map(|id| moved(&c, id)).collect();
+    let mid = data.len() / 2;
+    data[mid..mid + 100].copy_from_slice(&[0xCD; 100]);
+    c.client(1).put("notes.bin", &data[..], None).unwrap();
+    for id in 2..=3 {
+        c.must_see_file(id, "notes.bin", &data);
+    }
+    for (k, id) in (2..=3).enumerate() {
+        let delta = moved(&c, id) - before[k];
+        eprintln!("node {id} received {delta} bytes for a 100-byte edit of a 100 KiB file");
+        // A 100 KiB file is cut into ~4 KiB chunks (at most 16 KiB), and
+        // only those a peer lacks are pushed: one or two chunks.
+        assert!(
+            delta <= 32 << 10,
+            "node {id} received {delta} bytes, expected at most two 16 KiB chunks"
+        );
+    }
+}
+
+/// Encoded manifest bytes pushed to a node.
+fn manifests(c: &TestCluster, id: usize) -> u64 {
+    c.metrics(id)["manifest_bytes_received"].as_u64().unwrap()
 }
 
 /// Chunk bytes a node received, fetched or pushed.
