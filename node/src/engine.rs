@@ -31,11 +31,11 @@ use crate::staging::Staging;
 pub const BATCH_BYTES: usize = 1 << 20;
 /// Most chunks in one push or fetch request.
 pub const BATCH_CHUNKS: usize = 16;
-/// A push of at most this many bytes goes without asking which chunks the
-/// peer lacks (one round trip saved; at worst this much sent twice). Above
-/// it, asking first is what keeps an edit of a file the peer already holds
-/// down to the changed chunks.
-const SEND_WITHOUT_ASKING: u64 = 64 << 10;
+/// New files up to this size are pushed without asking which chunks the
+/// peer lacks (one round trip saved; at worst a few KiB sent twice). New
+/// versions of files the peer holds are always asked about: that is what
+/// keeps an edit down to the changed chunks.
+const SEND_WITHOUT_ASKING: u64 = 256 << 10;
 /// Files up to this size are replicated in batches (one push and one sync
 /// on the receiver for many files); larger ones one by one.
 pub(crate) const BATCHED_FILE_MAX: u64 = 256 << 10;
@@ -372,21 +372,24 @@ impl<N: PeerNet> SyncNode<N> {
         files: &[(&Manifest, &Path, Option<&Manifest>)],
     ) -> Result<(), NodeError> {
         let mut missing = HashSet::new();
-        // A small push costs less to send than to ask about first.
-        let total: u64 = files.iter().map(|(m, _, _)| m.size()).sum();
-        let unique: Vec<Hash> = {
+        // A small new file costs less to send than to ask about first; a
+        // new version of a file the peer holds is mostly chunks it has.
+        let asked: Vec<Hash> = {
             let mut seen = HashSet::new();
             files
                 .iter()
-                .flat_map(|(m, _, _)| m.chunk_ids())
-                .filter(|id| seen.insert(*id))
+                .flat_map(|(m, _, base)| {
+                    let ask = m.size() > SEND_WITHOUT_ASKING || base.is_some();
+                    m.chunk_ids().map(move |id| (id, ask))
+                })
+                .filter(|(id, _)| seen.insert(*id))
+                .filter_map(|(id, ask)| {
+                    if !ask {
+                        missing.insert(id);
+                    }
+                    ask.then_some(id)
+                })
                 .collect()
-        };
-        let asked = if total > SEND_WITHOUT_ASKING {
-            unique
-        } else {
-            missing.extend(unique);
-            Vec::new()
         };
         for ids in asked.chunks(4096) {
             let lacks = self
