@@ -432,13 +432,10 @@ impl<N: PeerNet> SyncNode<N> {
                 .iter()
                 .map(|(m, _, base)| PushedManifest::of(m, *base))
                 .collect();
-            if !pushed.iter().any(PushedManifest::is_patch) {
-                return self.push_manifest_list(peer, &pushed).await;
-            }
+            let patched = pushed.iter().any(PushedManifest::is_patch);
             match self.push_manifest_list(peer, &pushed).await {
-                Ok(()) => Ok(()),
                 // The peer lacks a base (it missed that version): whole.
-                Err(e) => {
+                Err(e) if patched => {
                     debug!(peer, cause = %e, "manifest patches refused; pushing them whole");
                     let whole: Vec<PushedManifest> = files
                         .iter()
@@ -446,6 +443,7 @@ impl<N: PeerNet> SyncNode<N> {
                         .collect();
                     self.push_manifest_list(peer, &whole).await
                 }
+                done => done,
             }
         };
         // A few pushes in flight: the receiver's fsync of one batch overlaps
