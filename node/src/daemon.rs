@@ -18,8 +18,8 @@ use synod_consensus::{
 };
 use synod_merkle::{Hash, MerkleTree};
 use synod_transport::{
-    start_transport, Bytes, ChunkData, ForwardResponse, Multiaddr, P2pRaftNetwork, PeerId,
-    RequestError, ServiceError, Services, TransportConfig, TransportHandle,
+    start_transport, Bytes, ChunkData, ChunkDelta, ForwardResponse, HashBlob, Multiaddr,
+    P2pRaftNetwork, PeerId, RequestError, ServiceError, Services, TransportConfig, TransportHandle,
 };
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
@@ -32,7 +32,7 @@ use crate::fsutil;
 use crate::local::LocalState;
 use crate::materializer;
 use crate::metrics::Metrics;
-use crate::peers::{ForwardOutcome, PeerError, PeerNet, WireStats};
+use crate::peers::{ChunkAsDelta, ForwardOutcome, PeerError, PeerNet, WireStats};
 use crate::staging::Staging;
 
 /// Creates the data dir and identity of a node if needed; returns its peer id.
@@ -160,6 +160,65 @@ impl PeerNet for TransportNet {
             .map_err(|e| PeerError::new(peer, e))
     }
 
+    async fn missing_since(
+        &self,
+        peer: NodeId,
+        queries: Vec<(Hash, Vec<Hash>)>,
+    ) -> Result<Vec<Option<Vec<Hash>>>, PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .missing_since(p, &queries)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn signatures(
+        &self,
+        peer: NodeId,
+        runs: Vec<Vec<Hash>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .signatures(p, &runs)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
+    async fn push_deltas(&self, peer: NodeId, deltas: Vec<ChunkAsDelta>) -> Result<(), PeerError> {
+        let p = self.peer(peer)?;
+        let bytes: usize = deltas.iter().map(|(_, _, d)| d.len()).sum();
+        let deltas = deltas
+            .into_iter()
+            .map(|(id, base, delta)| ChunkDelta {
+                id,
+                base: HashBlob::from_hashes(&base),
+                delta,
+            })
+            .collect();
+        self.handle
+            .push_deltas(p, deltas)
+            .await
+            .map_err(|e| PeerError::new(peer, e))?;
+        self.metrics.peer_traffic.sent(peer, bytes as u64);
+        Ok(())
+    }
+
+    async fn fetch_deltas(
+        &self,
+        peer: NodeId,
+        wanted: Vec<(Vec<u8>, Vec<Hash>)>,
+    ) -> Result<Vec<Option<Vec<u8>>>, PeerError> {
+        let p = self.peer(peer)?;
+        let got = self
+            .handle
+            .fetch_deltas(p, &wanted)
+            .await
+            .map_err(|e| PeerError::new(peer, e))?;
+        let bytes: usize = got.iter().flatten().map(Vec::len).sum();
+        self.metrics.peer_traffic.received(peer, bytes as u64);
+        Ok(got)
+    }
+
     async fn push_chunks(&self, peer: NodeId, chunks: Vec<(Hash, Bytes)>) -> Result<(), PeerError> {
         let p = self.peer(peer)?;
         let bytes: usize = chunks.iter().map(|(_, b)| b.len()).sum();
@@ -246,6 +305,21 @@ impl PeerNet for TransportNet {
 }
 
 /// What this node serves to peers, once the engine exists.
+/// Counts bytes `peer` pushed to this node.
+fn received(node: &SyncNode<TransportNet>, peer: &PeerId, bytes: usize) {
+    if let Some(from) = node.net.node_of(peer) {
+        node.metrics.peer_traffic.received(from, bytes as u64);
+    }
+}
+
+/// Counts bytes this node served to `peer`.
+fn served(node: &SyncNode<TransportNet>, peer: &PeerId, bytes: usize) {
+    Metrics::add(&node.metrics.bytes_served, bytes as u64);
+    if let Some(to) = node.net.node_of(peer) {
+        node.metrics.peer_traffic.sent(to, bytes as u64);
+    }
+}
+
 struct NodeServices {
     node: OnceLock<Arc<SyncNode<TransportNet>>>,
     trees: Mutex<HashMap<Hash, Arc<MerkleTree>>>,
@@ -259,6 +333,21 @@ impl NodeServices {
         self.node
             .get()
             .ok_or_else(|| ServiceError("node is starting".into()))
+    }
+
+    /// Runs `f` on the node off the runtime: disk reads, hashing, fsyncs.
+    fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(Arc<SyncNode<TransportNet>>) -> Result<T, String> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, ServiceError>> {
+        async move {
+            let node = self.node()?.clone();
+            tokio::task::spawn_blocking(move || f(node))
+                .await
+                .map_err(|e| ServiceError(e.to_string()))?
+                .map_err(ServiceError)
+        }
+        .boxed()
     }
 
     fn tree(&self, root: &Hash) -> Result<Option<Arc<MerkleTree>>, ServiceError> {
@@ -312,24 +401,14 @@ impl Services for NodeServices {
         peer: PeerId,
         ids: Vec<Hash>,
     ) -> BoxFuture<'_, Result<Vec<Option<Bytes>>, ServiceError>> {
-        async move {
-            let node = self.node()?.clone();
-            tokio::task::spawn_blocking(move || {
-                let out: Vec<Option<Bytes>> = ids
-                    .iter()
-                    .map(|id| node.serve_chunk(id).map(Bytes::from))
-                    .collect();
-                let bytes: usize = out.iter().flatten().map(Bytes::len).sum();
-                Metrics::add(&node.metrics.bytes_served, bytes as u64);
-                if let Some(to) = node.net.node_of(&peer) {
-                    node.metrics.peer_traffic.sent(to, bytes as u64);
-                }
-                out
-            })
-            .await
-            .map_err(|e| ServiceError(e.to_string()))
-        }
-        .boxed()
+        self.blocking(move |node| {
+            let out: Vec<Option<Bytes>> = ids
+                .iter()
+                .map(|id| node.serve_chunk(id).map(Bytes::from))
+                .collect();
+            served(&node, &peer, out.iter().flatten().map(Bytes::len).sum());
+            Ok(out)
+        })
     }
 
     fn store_chunks(
@@ -337,23 +416,12 @@ impl Services for NodeServices {
         peer: PeerId,
         chunks: Vec<ChunkData>,
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
-        async move {
-            let node = self.node()?.clone();
-            tokio::task::spawn_blocking(move || {
-                let pairs: Vec<(Hash, Bytes)> =
-                    chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
-                node.store_pushed(&pairs)?;
-                if let Some(from) = node.net.node_of(&peer) {
-                    let bytes: usize = pairs.iter().map(|(_, b)| b.len()).sum();
-                    node.metrics.peer_traffic.received(from, bytes as u64);
-                }
-                Ok(())
-            })
-            .await
-            .map_err(|e| ServiceError(e.to_string()))?
-            .map_err(ServiceError)
-        }
-        .boxed()
+        self.blocking(move |node| {
+            let pairs: Vec<(Hash, Bytes)> = chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
+            node.store_pushed(&pairs)?;
+            received(&node, &peer, pairs.iter().map(|(_, b)| b.len()).sum());
+            Ok(())
+        })
     }
 
     fn store_manifests(
@@ -375,13 +443,47 @@ impl Services for NodeServices {
         _peer: PeerId,
         ids: Vec<Hash>,
     ) -> BoxFuture<'_, Result<Vec<Hash>, ServiceError>> {
-        async move {
-            let node = self.node()?.clone();
-            tokio::task::spawn_blocking(move || node.lacking(&ids))
-                .await
-                .map_err(|e| ServiceError(e.to_string()))
-        }
-        .boxed()
+        self.blocking(move |node| Ok(node.lacking(&ids)))
+    }
+
+    fn missing_since(
+        &self,
+        _peer: PeerId,
+        queries: Vec<(Hash, Vec<Hash>)>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<Hash>>>, ServiceError>> {
+        self.blocking(move |node| Ok(node.lacking_since(&queries)))
+    }
+
+    fn signatures(
+        &self,
+        _peer: PeerId,
+        runs: Vec<Vec<Hash>>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+        self.blocking(move |node| Ok(node.sign_runs(&runs)))
+    }
+
+    fn deltas(
+        &self,
+        peer: PeerId,
+        wanted: Vec<(Vec<u8>, Vec<Hash>)>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+        self.blocking(move |node| {
+            let out = node.diff_chunks(&wanted);
+            served(&node, &peer, out.iter().flatten().map(Vec::len).sum());
+            Ok(out)
+        })
+    }
+
+    fn store_deltas(
+        &self,
+        peer: PeerId,
+        deltas: Vec<ChunkAsDelta>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
+        self.blocking(move |node| {
+            node.store_deltas(&deltas)?;
+            received(&node, &peer, deltas.iter().map(|(_, _, d)| d.len()).sum());
+            Ok(())
+        })
     }
 
     fn forward_write(&self, _peer: PeerId, request: Request) -> BoxFuture<'_, ForwardResponse> {

@@ -20,10 +20,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::delta;
 use crate::error::NodeError;
 use crate::local::{LocalFile, LocalState};
 use crate::metrics::Metrics;
-use crate::peers::{ForwardOutcome, PeerNet};
+use crate::peers::{ChunkAsDelta, ForwardOutcome, PeerNet};
 use crate::pushed::PushedManifest;
 use crate::staging::Staging;
 
@@ -371,34 +372,8 @@ impl<N: PeerNet> SyncNode<N> {
         peer: NodeId,
         files: &[(&Manifest, &Path, Option<&Manifest>)],
     ) -> Result<(), NodeError> {
-        let mut missing = HashSet::new();
-        // A small new file costs less to send than to ask about first; a
-        // new version of a file the peer holds is mostly chunks it has.
-        let asked: Vec<Hash> = {
-            let mut seen = HashSet::new();
-            files
-                .iter()
-                .flat_map(|(m, _, base)| {
-                    let ask = m.size() > SEND_WITHOUT_ASKING || base.is_some();
-                    m.chunk_ids().map(move |id| (id, ask))
-                })
-                .filter(|(id, _)| seen.insert(*id))
-                .filter_map(|(id, ask)| {
-                    if !ask {
-                        missing.insert(id);
-                    }
-                    ask.then_some(id)
-                })
-                .collect()
-        };
-        for ids in asked.chunks(4096) {
-            let lacks = self
-                .net
-                .missing_chunks(peer, ids.to_vec())
-                .await
-                .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-            missing.extend(lacks);
-        }
+        let mut missing = self.ask_missing(peer, files).await?;
+        self.push_as_deltas(peer, files, &mut missing).await?;
         // Each missing chunk once, read from the first file that has it.
         let refs: Vec<(&Path, ChunkRef)> = {
             let mut done = HashSet::new();
@@ -464,16 +439,7 @@ impl<N: PeerNet> SyncNode<N> {
                                     open = Some((path.clone(), f));
                                 }
                                 let (_, f) = open.as_ref().expect("just opened");
-                                let mut buf = vec![0u8; c.len as usize];
-                                f.read_exact_at(&mut buf, c.offset).map_err(unreadable)?;
-                                // Changed since it was chunked: sending it
-                                // would only get this node reported.
-                                if Hash::of(&buf) != c.id {
-                                    return Err(NodeError::Internal(format!(
-                                        "{} changed since it was chunked",
-                                        path.display()
-                                    )));
-                                }
+                                let buf = read_chunk_at(f, &path, &c)?;
                                 Ok((c.id, Bytes::from(buf)))
                             })
                             .collect()
@@ -497,6 +463,151 @@ impl<N: PeerNet> SyncNode<N> {
             pushed = refs.len(),
             "content replicated"
         );
+        Ok(())
+    }
+
+    /// The chunks of `files` that `peer` lacks (with, for new versions, any
+    /// of the old version's it lacks). A new version of a file is asked
+    /// about as the version the peer holds plus the chunks it adds; a small
+    /// new file costs less to send than to ask about; a large one is asked
+    /// about in full.
+    async fn ask_missing(
+        &self,
+        peer: NodeId,
+        files: &[(&Manifest, &Path, Option<&Manifest>)],
+    ) -> Result<HashSet<Hash>, NodeError> {
+        let unavailable = |e: crate::peers::PeerError| NodeError::Unavailable(e.to_string());
+        let mut lacks = HashSet::new();
+        let mut seen = HashSet::new();
+        let mut ask_all: Vec<Hash> = Vec::new();
+        let mut since = Vec::new();
+        for (i, (m, _, base)) in files.iter().enumerate() {
+            match base {
+                Some(b) => since.push((i, b.root(), delta::added(m, b))),
+                None if m.size() > SEND_WITHOUT_ASKING => {
+                    ask_all.extend(m.chunk_ids().filter(|id| seen.insert(*id)))
+                }
+                None => lacks.extend(m.chunk_ids()),
+            }
+        }
+        if !since.is_empty() {
+            let queries = since.iter().map(|(_, b, a)| (*b, a.clone())).collect();
+            let answers = self
+                .net
+                .missing_since(peer, queries)
+                .await
+                .map_err(unavailable)?;
+            for ((i, _, added), answer) in since.iter().zip(answers) {
+                let (m, _, base) = files[*i];
+                let Some(ids) = answer else {
+                    // The peer lacks that version's manifest: ask in full.
+                    ask_all.extend(m.chunk_ids().filter(|id| seen.insert(*id)));
+                    continue;
+                };
+                let asked: HashSet<Hash> = base
+                    .into_iter()
+                    .flat_map(Manifest::chunk_ids)
+                    .chain(added.iter().copied())
+                    .collect();
+                if let Some(bad) = ids.iter().find(|id| !asked.contains(id)) {
+                    return Err(NodeError::Unavailable(format!(
+                        "peer {peer} named chunk {bad}, which it was not asked about"
+                    )));
+                }
+                lacks.extend(ids);
+            }
+        }
+        for ids in ask_all.chunks(4096) {
+            let answer = self
+                .net
+                .missing_chunks(peer, ids.to_vec())
+                .await
+                .map_err(unavailable)?;
+            lacks.extend(answer);
+        }
+        Ok(lacks)
+    }
+
+    /// Sends the chunks of new versions that `peer` lacks as deltas
+    /// against the old chunks they replace, which it holds, where a delta
+    /// is much smaller; takes those out of `lacks`. A chunk whose delta
+    /// the peer refuses stays in `lacks`, to be sent whole.
+    async fn push_as_deltas(
+        &self,
+        peer: NodeId,
+        files: &[(&Manifest, &Path, Option<&Manifest>)],
+        lacks: &mut HashSet<Hash>,
+    ) -> Result<(), NodeError> {
+        let mut runs: Vec<(PathBuf, delta::Run<ChunkRef>)> = Vec::new();
+        let mut taken = HashSet::new();
+        for (m, file, base) in files {
+            let Some(base) = base else { continue };
+            for mut run in delta::manifest_runs(m, base) {
+                if run.old.iter().any(|id| lacks.contains(id)) {
+                    continue;
+                }
+                run.new
+                    .retain(|c| lacks.contains(&c.id) && taken.insert(c.id));
+                if !run.new.is_empty() {
+                    runs.push((file.to_path_buf(), run));
+                }
+            }
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let wanted = runs.iter().map(|(_, r)| r.old.clone()).collect();
+        let signatures = match self.net.signatures(peer, wanted).await {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(peer, cause = %e, "no signatures; sending chunks whole");
+                return Ok(());
+            }
+        };
+        let work: Vec<(PathBuf, delta::Run<ChunkRef>, Vec<u8>)> = runs
+            .into_iter()
+            .zip(signatures)
+            .filter_map(|((path, run), sig)| sig.map(|s| (path, run, s)))
+            .collect();
+        let deltas =
+            tokio::task::spawn_blocking(move || -> Result<Vec<ChunkAsDelta>, NodeError> {
+                let mut out = Vec::new();
+                for (path, run, sig) in work {
+                    let f = std::fs::File::open(&path).map_err(|e| {
+                        NodeError::Internal(format!("reading {}: {e}", path.display()))
+                    })?;
+                    for c in &run.new {
+                        let bytes = read_chunk_at(&f, &path, c)?;
+                        if let Some(d) = delta::diff(&sig, &bytes) {
+                            out.push((c.id, run.old.clone(), d));
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| NodeError::internal("diffing chunks", e))??;
+        let mut rest = deltas.into_iter().peekable();
+        while rest.peek().is_some() {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while let Some(d) = rest.next_if(|_| batch.len() < PUSH_CHUNKS && bytes < BATCH_BYTES) {
+                bytes += d.2.len();
+                batch.push(d);
+            }
+            let ids: Vec<Hash> = batch.iter().map(|(id, _, _)| *id).collect();
+            match self.net.push_deltas(peer, batch).await {
+                Ok(()) => {
+                    Metrics::add(&self.metrics.bytes_pushed, bytes as u64);
+                    for id in &ids {
+                        lacks.remove(id);
+                    }
+                }
+                Err(e) => {
+                    debug!(peer, chunks = ids.len(), cause = %e, "deltas refused; sending those chunks whole")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -752,18 +863,107 @@ impl<N: PeerNet> SyncNode<N> {
             .collect()
     }
 
+    /// For each `(base, added)`: the chunks lacking here among the manifest
+    /// `base`'s and `added`, or `None` if this node holds no manifest `base`.
+    pub fn lacking_since(&self, queries: &[(Hash, Vec<Hash>)]) -> Vec<Option<Vec<Hash>>> {
+        queries
+            .iter()
+            .map(|(base, added)| {
+                let m = self.local.manifest(base).ok()??;
+                let mut seen = HashSet::new();
+                let ids: Vec<Hash> = m
+                    .chunk_ids()
+                    .chain(added.iter().copied())
+                    .filter(|id| seen.insert(*id))
+                    .collect();
+                Some(self.lacking(&ids))
+            })
+            .collect()
+    }
+
+    /// The bytes of a run of chunks, concatenated, if all are held here and
+    /// they add up to at most [`delta::MAX_RUN_BYTES`].
+    fn run_bytes(&self, run: &[Hash]) -> Result<Vec<u8>, String> {
+        let mut out = Vec::new();
+        for id in run {
+            let bytes = self
+                .serve_chunk(id)
+                .ok_or_else(|| format!("chunk {id} of a delta's base is not held here"))?;
+            out.extend_from_slice(&bytes);
+            if out.len() as u64 > delta::MAX_RUN_BYTES {
+                return Err(format!(
+                    "a delta's base of {} chunks is over {} bytes",
+                    run.len(),
+                    delta::MAX_RUN_BYTES
+                ));
+            }
+        }
+        Ok(out)
+    }
+
+    /// A signature of each run's bytes, `None` for a run not held here.
+    pub fn sign_runs(&self, runs: &[Vec<Hash>]) -> Vec<Option<Vec<u8>>> {
+        runs.iter()
+            .map(|run| self.run_bytes(run).ok().map(|b| delta::sign(&b)))
+            .collect()
+    }
+
+    /// For each `(signature, ids)`: per id, the delta of the chunk held
+    /// here against the bytes the signature describes, if worth sending.
+    pub fn diff_chunks(&self, wanted: &[(Vec<u8>, Vec<Hash>)]) -> Vec<Option<Vec<u8>>> {
+        wanted
+            .iter()
+            .flat_map(|(sig, ids)| {
+                ids.iter()
+                    .map(|id| delta::diff(sig, &self.serve_chunk(id)?))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// The bytes of a run of chunks held here and a signature of them, for
+    /// fetching the chunks that replaced them as deltas.
+    pub(crate) fn signed_run(&self, run: &[Hash]) -> Option<(Vec<u8>, Vec<u8>)> {
+        let bytes = self.run_bytes(run).ok()?;
+        let sig = delta::sign(&bytes);
+        Some((bytes, sig))
+    }
+
+    /// Rebuilds chunks from deltas against runs held here, checks each
+    /// against its id, and stores them all durably (or none).
+    pub fn store_deltas(&self, deltas: &[ChunkAsDelta]) -> Result<(), String> {
+        let mut rebuilt = Vec::with_capacity(deltas.len());
+        let mut bases: HashMap<&[Hash], Vec<u8>> = HashMap::new();
+        for (id, run, d) in deltas {
+            let base = match bases.entry(run.as_slice()) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(e) => e.insert(self.run_bytes(run)?),
+            };
+            rebuilt.push((*id, delta::rebuild(id, base, d)?));
+        }
+        self.stage_durably(&rebuilt)?;
+        let bytes: usize = deltas.iter().map(|(_, _, d)| d.len()).sum();
+        Metrics::add(&self.metrics.delta_bytes_received, bytes as u64);
+        Metrics::add(&self.metrics.chunks_rebuilt, rebuilt.len() as u64);
+        Ok(())
+    }
+
     /// Stores pushed chunks durably. The transport has checked each against
     /// its id (and reported a peer that lied) before they get here.
     pub fn store_pushed<B: AsRef<[u8]>>(&self, chunks: &[(Hash, B)]) -> Result<(), String> {
+        self.stage_durably(chunks)?;
+        let bytes: usize = chunks.iter().map(|(_, b)| b.as_ref().len()).sum();
+        Metrics::add(&self.metrics.bytes_received_pushed, bytes as u64);
+        Ok(())
+    }
+
+    fn stage_durably<B: AsRef<[u8]>>(&self, chunks: &[(Hash, B)]) -> Result<(), String> {
         self.staging
             .put_many(chunks)
             .map_err(|e| format!("staging {} chunks: {e}", chunks.len()))?;
-        let bytes: usize = chunks.iter().map(|(_, b)| b.as_ref().len()).sum();
-        Metrics::add(&self.metrics.bytes_received_pushed, bytes as u64);
         self.staging
             .sync_dir()
-            .map_err(|e| format!("fsync staging: {e}"))?;
-        Ok(())
+            .map_err(|e| format!("fsync staging: {e}"))
     }
 
     /// Pushes manifests in requests kept well under the transport's frame limit.
@@ -827,4 +1027,19 @@ impl<N: PeerNet> SyncNode<N> {
     pub(crate) fn log_started(&self) {
         info!(node = self.id, folder = %self.folder.display(), "sync engine started");
     }
+}
+
+/// Chunk `c` of the file `f` at `path`, checked against its id: a file
+/// changed since it was chunked must not get this node reported by peers.
+fn read_chunk_at(f: &std::fs::File, path: &Path, c: &ChunkRef) -> Result<Vec<u8>, NodeError> {
+    let mut buf = vec![0u8; c.len as usize];
+    f.read_exact_at(&mut buf, c.offset)
+        .map_err(|e| NodeError::Internal(format!("reading {}: {e}", path.display())))?;
+    if Hash::of(&buf) != c.id {
+        return Err(NodeError::Internal(format!(
+            "{} changed since it was chunked",
+            path.display()
+        )));
+    }
+    Ok(buf)
 }

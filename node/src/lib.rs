@@ -29,6 +29,7 @@ pub mod config;
 pub mod conflict;
 pub mod contact;
 pub mod daemon;
+mod delta;
 pub mod engine;
 pub mod error;
 pub mod events;

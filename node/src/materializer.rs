@@ -17,6 +17,7 @@ use synod_merkle::{diff_trees, Hash, MerkleTree, TreeSource};
 use tokio::sync::broadcast;
 use tracing::{debug, info, warn};
 
+use crate::delta;
 use crate::engine::{SyncNode, BATCH_CHUNKS};
 use crate::fsutil;
 use crate::local::LocalFile;
@@ -652,6 +653,7 @@ async fn assemble<N: PeerNet>(
         return Ok(ready);
     }
     let ids = manifest_ids(node, entry, local).await?;
+    let bases = delta_bases(node, &ids, local);
     let tmp =
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
     let out = std::fs::File::create(&tmp).map_err(io_err(format!("creating {}", tmp.display())))?;
@@ -660,7 +662,7 @@ async fn assemble<N: PeerNet>(
     let mut lens = Vec::with_capacity(ids.len());
     let result = async {
         for window in ids.chunks(GATHER_WINDOW) {
-            let chunks = gather(node, entry, window).await?;
+            let chunks = gather(node, entry, window, &bases).await?;
             lens.extend(chunks.iter().map(|b| b.len() as u32));
             // Off the runtime, as are the reads in `gather`.
             let mut file = out
@@ -872,11 +874,33 @@ impl<N: PeerNet> TreeSource for NetTreeSource<N> {
     }
 }
 
+/// For each chunk of the new version `ids` that replaced chunks of the
+/// version held here, those old chunks: what it can be fetched as a delta
+/// against.
+fn delta_bases<N: PeerNet>(
+    node: &SyncNode<N>,
+    ids: &[Hash],
+    local: Option<&LocalFile>,
+) -> HashMap<Hash, Arc<Vec<Hash>>> {
+    let Some(Ok(Some(old))) = local.map(|l| node.local.manifest(&l.root)) else {
+        return HashMap::new();
+    };
+    let mut out = HashMap::new();
+    for run in delta::runs(ids, |id| *id, &old) {
+        let base = Arc::new(run.old);
+        for id in run.new {
+            out.entry(id).or_insert_with(|| base.clone());
+        }
+    }
+    out
+}
+
 /// The bytes of `ids`, in order, each verified against its id.
 async fn gather<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     entry: &Entry,
     ids: &[Hash],
+    bases: &HashMap<Hash, Arc<Vec<Hash>>>,
 ) -> Result<Vec<Bytes>, MaterializeError> {
     // Staging and folder reads are disk reads: off the runtime.
     let (mut found, missing) = {
@@ -902,6 +926,7 @@ async fn gather<N: PeerNet>(
         .await
         .map_err(|e| MaterializeError::Local(format!("chunk lookup task: {e}")))?
     };
+    let missing = fetch_as_deltas(node, entry, missing, bases, &mut found).await;
     if !missing.is_empty() {
         fetch_from_peers(node, entry, missing, &mut found).await?;
     }
@@ -913,6 +938,70 @@ async fn gather<N: PeerNet>(
                 .ok_or(MaterializeError::ChunkUnavailable { id: *id })
         })
         .collect()
+}
+
+/// Fetches the chunks of `missing` that replaced chunks held here as
+/// deltas against those, rebuilt and checked here; returns the rest (and
+/// any whose delta failed), to be fetched whole.
+async fn fetch_as_deltas<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    entry: &Entry,
+    missing: Vec<Hash>,
+    bases: &HashMap<Hash, Arc<Vec<Hash>>>,
+    found: &mut HashMap<Hash, Bytes>,
+) -> Vec<Hash> {
+    let mut by_base: HashMap<Arc<Vec<Hash>>, Vec<Hash>> = HashMap::new();
+    let mut rest = Vec::new();
+    for id in missing {
+        match bases.get(&id) {
+            Some(base) => by_base.entry(base.clone()).or_default().push(id),
+            None => rest.push(id),
+        }
+    }
+    let Some(&peer) = sources(node, entry).first() else {
+        rest.extend(by_base.into_values().flatten());
+        return rest;
+    };
+    for (base, ids) in by_base {
+        let signed = {
+            let node = node.clone();
+            let base = base.clone();
+            tokio::task::spawn_blocking(move || node.signed_run(&base)).await
+        };
+        let Ok(Some((bytes, sig))) = signed else {
+            rest.extend(ids);
+            continue;
+        };
+        for part in ids.chunks(BATCH_CHUNKS) {
+            let got = match node
+                .net
+                .fetch_deltas(peer, vec![(sig.clone(), part.to_vec())])
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => {
+                    debug!(peer, cause = %e, "delta fetch failed; fetching chunks whole");
+                    rest.extend_from_slice(part);
+                    continue;
+                }
+            };
+            for (id, d) in part.iter().zip(got) {
+                match d.map(|d| (d.len(), delta::rebuild(id, &bytes, &d))) {
+                    Some((len, Ok(chunk))) => {
+                        Metrics::add(&node.metrics.delta_bytes_received, len as u64);
+                        Metrics::add(&node.metrics.chunks_rebuilt, 1);
+                        found.insert(*id, Bytes::from(chunk));
+                    }
+                    Some((_, Err(e))) => {
+                        debug!(peer, cause = %e, "delta did not rebuild its chunk; fetching it whole");
+                        rest.push(*id);
+                    }
+                    None => rest.push(*id),
+                }
+            }
+        }
+    }
+    rest
 }
 
 /// Splits `missing` across the peers that may hold them and fetches

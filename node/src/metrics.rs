@@ -71,6 +71,11 @@ counters! {
     bytes_pushed,
     /// Chunk bytes peers pushed to this node.
     bytes_received_pushed,
+    /// Delta bytes peers pushed to this node, for chunks it rebuilt from
+    /// chunks it held.
+    delta_bytes_received,
+    /// Chunks rebuilt from pushed deltas and checked against their ids.
+    chunks_rebuilt,
     /// Encoded manifest bytes peers pushed to this node (whole or patches).
     manifest_bytes_received,
     /// Chunks fetched from peers and verified.

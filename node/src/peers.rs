@@ -25,6 +25,10 @@ impl PeerError {
     }
 }
 
+/// A chunk sent as a delta: its id, the run of chunks (held by the peer)
+/// the delta is taken against, and the delta.
+pub type ChunkAsDelta = (Hash, Vec<Hash>, Vec<u8>);
+
 pub trait PeerNet: Send + Sync + 'static {
     /// The chunks `ids` from `peer`, `None` for each it lacks. Every chunk
     /// returned has been checked against its id: a peer that sent wrong
@@ -41,6 +45,38 @@ pub trait PeerNet: Send + Sync + 'static {
         peer: NodeId,
         ids: Vec<Hash>,
     ) -> impl Future<Output = Result<Vec<Hash>, PeerError>> + Send;
+
+    /// For each `(base, added)`: the chunks `peer` lacks among those of the
+    /// manifest `base` and `added`, or `None` if it does not know `base`.
+    fn missing_since(
+        &self,
+        peer: NodeId,
+        queries: Vec<(Hash, Vec<Hash>)>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<Hash>>>, PeerError>> + Send;
+
+    /// Signatures of the bytes `peer` holds for each run of chunks.
+    fn signatures(
+        &self,
+        peer: NodeId,
+        runs: Vec<Vec<Hash>>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, PeerError>> + Send;
+
+    /// Stores chunks on `peer` as `(id, base run, delta)`: it rebuilds and
+    /// checks each, fsynced before it answers.
+    fn push_deltas(
+        &self,
+        peer: NodeId,
+        deltas: Vec<ChunkAsDelta>,
+    ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
+    /// Chunks from `peer` as deltas: for each `(signature, ids)`, per id, a
+    /// delta against the bytes the signature describes, or `None`. Not
+    /// checked: the caller rebuilds each chunk and checks it.
+    fn fetch_deltas(
+        &self,
+        peer: NodeId,
+        wanted: Vec<(Vec<u8>, Vec<Hash>)>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, PeerError>> + Send;
 
     /// Stores the chunks on `peer`, fsynced before it answers.
     fn push_chunks(

@@ -103,8 +103,8 @@ fn an_edit_in_a_large_file_moves_only_changed_chunks() {
     for id in 2..=3 {
         c.must_see_file(id, "big.bin", &data);
     }
-    let before: Vec<(u64, u64)> = (2..=3)
-        .map(|id| (moved(&c, id), manifests(&c, id)))
+    let before: Vec<(u64, u64, u64)> = (2..=3)
+        .map(|id| (moved(&c, id), manifests(&c, id), rebuilt(&c, id)))
         .collect();
     // Overwrite 100 bytes in the middle.
     let mid = data.len() / 2;
@@ -119,9 +119,14 @@ fn an_edit_in_a_large_file_moves_only_changed_chunks() {
         eprintln!(
             "node {id} received {delta} chunk bytes and {listed} manifest bytes for a 100-byte edit of a 64 MiB file"
         );
+        // The changed chunk travels as a delta against the one it replaces.
         assert!(
-            delta < 1 << 20,
-            "node {id} received {delta} bytes, expected < 1 MiB"
+            delta < 4 << 10,
+            "node {id} received {delta} bytes, expected a delta < 4 KiB"
+        );
+        assert!(
+            rebuilt(&c, id) - before[k].2 >= 1,
+            "node {id} rebuilt no chunk"
         );
         // The whole manifest (about 1,000 ids) is 36 KiB: a patch of the
         // version the node holds carries the few new ids.
@@ -140,7 +145,7 @@ fn an_edit_in_a_small_file_moves_a_few_small_chunks() {
     for id in 2..=3 {
         c.must_see_file(id, "notes.bin", &data);
     }
-    let before: Vec<u64> = (2..=3).map(|id| moved(&c, id)).collect();
+    let before: Vec<(u64, u64)> = (2..=3).map(|id| (moved(&c, id), rebuilt(&c, id))).collect();
     let mid = data.len() / 2;
     data[mid..mid + 100].copy_from_slice(&[0xCD; 100]);
     c.client(1).put("notes.bin", &data[..], None).unwrap();
@@ -148,15 +153,41 @@ fn an_edit_in_a_small_file_moves_a_few_small_chunks() {
         c.must_see_file(id, "notes.bin", &data);
     }
     for (k, id) in (2..=3).enumerate() {
-        let delta = moved(&c, id) - before[k];
+        let delta = moved(&c, id) - before[k].0;
         eprintln!("node {id} received {delta} bytes for a 100-byte edit of a 100 KiB file");
-        // A 100 KiB file is cut into ~4 KiB chunks (at most 16 KiB), and
-        // only those a peer lacks are pushed: one or two chunks.
         assert!(
-            delta <= 32 << 10,
-            "node {id} received {delta} bytes, expected at most two 16 KiB chunks"
+            rebuilt(&c, id) - before[k].1 >= 1,
+            "node {id} rebuilt no chunk"
+        );
+        // A 100 KiB file is cut into ~4 KiB chunks, and the one or two a
+        // peer lacks travel as deltas against the ones they replace.
+        assert!(
+            delta <= 2 << 10,
+            "node {id} received {delta} bytes, expected deltas of at most 2 KiB"
         );
     }
+}
+
+#[test]
+fn a_node_that_missed_an_edit_fetches_the_changed_chunk_as_a_delta() {
+    let mut c = TestCluster::start(3);
+    let mut data = random_bytes(8 << 20, 7);
+    c.client(1).put("log.bin", &data[..], None).unwrap();
+    c.must_see_file(3, "log.bin", &data);
+    c.kill_node(3);
+    // Two copies of three: the edit commits without node 3.
+    data.splice(0..0, [0x5A; 100]);
+    c.client(1).put("log.bin", &data[..], None).unwrap();
+    c.start_node(3);
+    c.must_see_file(3, "log.bin", &data);
+    // Its counters started at zero with the restart.
+    let (delta, rebuilt) = (moved(&c, 3), rebuilt(&c, 3));
+    eprintln!("node 3 fetched {delta} bytes and rebuilt {rebuilt} chunks for 100 bytes inserted at the start of an 8 MiB file");
+    assert!(rebuilt >= 1, "node 3 rebuilt no chunk");
+    assert!(
+        delta < 4 << 10,
+        "node 3 fetched {delta} bytes, expected a delta < 4 KiB"
+    );
 }
 
 /// Encoded manifest bytes pushed to a node.
@@ -164,10 +195,22 @@ fn manifests(c: &TestCluster, id: usize) -> u64 {
     c.metrics(id)["manifest_bytes_received"].as_u64().unwrap()
 }
 
-/// Chunk bytes a node received, fetched or pushed.
+/// Chunk bytes a node received, fetched or pushed whole or as deltas.
 fn moved(c: &TestCluster, id: usize) -> u64 {
     let m = c.metrics(id);
-    m["bytes_fetched"].as_u64().unwrap() + m["bytes_received_pushed"].as_u64().unwrap()
+    [
+        "bytes_fetched",
+        "bytes_received_pushed",
+        "delta_bytes_received",
+    ]
+    .iter()
+    .map(|k| m[*k].as_u64().unwrap())
+    .sum()
+}
+
+/// Chunks a node rebuilt from pushed deltas.
+fn rebuilt(c: &TestCluster, id: usize) -> u64 {
+    c.metrics(id)["chunks_rebuilt"].as_u64().unwrap()
 }
 
 #[test]

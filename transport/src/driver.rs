@@ -16,10 +16,10 @@ use tracing::Instrument;
 
 use crate::handle::{Command, Reply, RequestError};
 use crate::messages::{
-    ChunkProtocol, ChunkRequest, ChunkResponse, ForwardProtocol, ForwardRequest, ForwardResponse,
-    HashBlob, MaybeChunk, RaftProtocol, RaftRequest, RaftResponse, TreeProtocol, TreeRequest,
-    TreeResponse, WireProtocol, MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BATCH_BYTES, MAX_MISSING_QUERY,
-    MAX_TREE_NODES,
+    ChunkProtocol, ChunkRequest, ChunkResponse, DeltaWanted, ForwardProtocol, ForwardRequest,
+    ForwardResponse, HashBlob, MaybeChunk, RaftProtocol, RaftRequest, RaftResponse, SinceQuery,
+    TreeProtocol, TreeRequest, TreeResponse, WireProtocol, MAX_CHUNKS_PER_REQUEST,
+    MAX_CHUNK_BATCH_BYTES, MAX_DELTA_QUERIES, MAX_MISSING_QUERY, MAX_TREE_NODES,
 };
 use crate::metrics::TransportMetrics;
 use crate::services::Services;
@@ -349,6 +349,35 @@ impl Driver {
                         Err(e) => ChunkResponse::Refused(e.0),
                     },
                 },
+                ChunkRequest::MissingSince(queries) => {
+                    serve_missing_since(&*services, peer, queries).await
+                }
+                ChunkRequest::Signatures(runs) => serve_signatures(&*services, peer, runs).await,
+                ChunkRequest::FetchDeltas(wanted) => serve_deltas(&*services, peer, wanted).await,
+                ChunkRequest::PushDeltas(deltas) => {
+                    let mut list = Vec::with_capacity(deltas.len());
+                    for d in deltas {
+                        match d.base.to_hashes() {
+                            Some(base) => list.push((d.id, base, d.delta)),
+                            None => {
+                                list.clear();
+                                break;
+                            }
+                        }
+                    }
+                    if list.is_empty() || list.len() > MAX_CHUNKS_PER_REQUEST {
+                        ChunkResponse::Refused(format!(
+                            "{} usable deltas in one push: need 1 to {MAX_CHUNKS_PER_REQUEST}, \
+                             each base a whole number of hashes",
+                            list.len()
+                        ))
+                    } else {
+                        match services.store_deltas(peer, list).await {
+                            Ok(()) => ChunkResponse::Stored,
+                            Err(e) => ChunkResponse::Refused(e.0),
+                        }
+                    }
+                }
                 ChunkRequest::Push(chunks) => {
                     match chunks.iter().find(|c| Hash::of(&c.bytes) != c.id) {
                         Some(bad) => {
@@ -384,6 +413,127 @@ impl Driver {
             Answer::Forward(ch, resp)
         });
     }
+}
+
+async fn serve_missing_since(
+    services: &dyn Services,
+    peer: PeerId,
+    queries: Vec<SinceQuery>,
+) -> ChunkResponse {
+    if queries.len() > MAX_DELTA_QUERIES {
+        return ChunkResponse::Refused(format!(
+            "{} queries in one request, at most {MAX_DELTA_QUERIES}",
+            queries.len()
+        ));
+    }
+    let mut list = Vec::with_capacity(queries.len());
+    let mut ids = 0;
+    for q in queries {
+        let Some(added) = q.added.to_hashes() else {
+            return ChunkResponse::Refused("chunk id list is not a whole number of hashes".into());
+        };
+        ids += added.len();
+        list.push((q.base, added));
+    }
+    if ids > MAX_MISSING_QUERY {
+        return ChunkResponse::Refused(format!(
+            "{ids} chunk ids in one query, at most {MAX_MISSING_QUERY}"
+        ));
+    }
+    let n = list.len();
+    match services.missing_since(peer, list).await {
+        Ok(answers) if answers.len() == n => ChunkResponse::MissingSince(
+            answers
+                .iter()
+                .map(|a| a.as_ref().map(HashBlob::from_hashes))
+                .collect(),
+        ),
+        Ok(answers) => {
+            ChunkResponse::Refused(format!("store answered {} of {n} queries", answers.len()))
+        }
+        Err(e) => ChunkResponse::Refused(e.0),
+    }
+}
+
+async fn serve_signatures(
+    services: &dyn Services,
+    peer: PeerId,
+    runs: Vec<HashBlob>,
+) -> ChunkResponse {
+    if runs.len() > MAX_DELTA_QUERIES {
+        return ChunkResponse::Refused(format!(
+            "{} runs in one request, at most {MAX_DELTA_QUERIES}",
+            runs.len()
+        ));
+    }
+    let Some(list) = runs
+        .iter()
+        .map(HashBlob::to_hashes)
+        .collect::<Option<Vec<_>>>()
+    else {
+        return ChunkResponse::Refused("chunk id list is not a whole number of hashes".into());
+    };
+    let n = list.len();
+    match services.signatures(peer, list).await {
+        Ok(sigs) if sigs.len() == n => {
+            // Runs past the budget get no signature, and the writer sends
+            // their chunks whole.
+            ChunkResponse::Signatures(within_frame(sigs))
+        }
+        Ok(sigs) => ChunkResponse::Refused(format!("store answered {} of {n} runs", sigs.len())),
+        Err(e) => ChunkResponse::Refused(e.0),
+    }
+}
+
+async fn serve_deltas(
+    services: &dyn Services,
+    peer: PeerId,
+    wanted: Vec<DeltaWanted>,
+) -> ChunkResponse {
+    if wanted.len() > MAX_DELTA_QUERIES {
+        return ChunkResponse::Refused(format!(
+            "{} signatures in one request, at most {MAX_DELTA_QUERIES}",
+            wanted.len()
+        ));
+    }
+    let mut list = Vec::with_capacity(wanted.len());
+    let mut n = 0;
+    for w in wanted {
+        let Some(ids) = w.ids.to_hashes() else {
+            return ChunkResponse::Refused("chunk id list is not a whole number of hashes".into());
+        };
+        n += ids.len();
+        list.push((w.signature, ids));
+    }
+    if n > MAX_CHUNKS_PER_REQUEST {
+        return ChunkResponse::Refused(format!(
+            "{n} chunk ids in one delta fetch, at most {MAX_CHUNKS_PER_REQUEST}"
+        ));
+    }
+    match services.deltas(peer, list).await {
+        Ok(deltas) if deltas.len() == n => ChunkResponse::Deltas(within_frame(deltas)),
+        Ok(deltas) => ChunkResponse::Refused(format!(
+            "store answered {} deltas for {n} ids",
+            deltas.len()
+        )),
+        Err(e) => ChunkResponse::Refused(e.0),
+    }
+}
+
+/// Keeps an answer of optional blobs under its frame limit: blobs past the
+/// budget are answered as absent, which every asker already handles.
+fn within_frame(blobs: Vec<Option<Vec<u8>>>) -> Vec<Option<serde_bytes::ByteBuf>> {
+    let mut budget = MAX_CHUNK_BATCH_BYTES;
+    blobs
+        .into_iter()
+        .map(|b| match b {
+            Some(b) if b.len() <= budget => {
+                budget -= b.len();
+                Some(serde_bytes::ByteBuf::from(b))
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 async fn serve_fetch(services: &dyn Services, peer: PeerId, blob: HashBlob) -> ChunkResponse {

@@ -19,9 +19,10 @@ use tokio::task::JoinHandle;
 
 use crate::driver::{Driver, RaftSlot};
 use crate::messages::{
-    ChunkData, ChunkProtocol, ChunkRequest, ChunkResponse, ForwardProtocol, ForwardRequest,
-    ForwardResponse, HashBlob, RaftProtocol, RaftRequest, RaftResponse, TreeProtocol, TreeRequest,
-    TreeResponse, WireProtocol, MAX_CHUNKS_PER_REQUEST, MAX_MISSING_QUERY, MAX_TREE_NODES,
+    ChunkData, ChunkDelta, ChunkProtocol, ChunkRequest, ChunkResponse, DeltaWanted,
+    ForwardProtocol, ForwardRequest, ForwardResponse, HashBlob, RaftProtocol, RaftRequest,
+    RaftResponse, SinceQuery, TreeProtocol, TreeRequest, TreeResponse, WireProtocol,
+    MAX_CHUNKS_PER_REQUEST, MAX_DELTA_QUERIES, MAX_MISSING_QUERY, MAX_TREE_NODES,
 };
 use crate::metrics::TransportMetrics;
 use crate::services::Services;
@@ -372,16 +373,8 @@ impl TransportHandle {
             .await?;
         let chunks = match resp {
             ChunkResponse::Fetched(chunks) => chunks,
-            ChunkResponse::Refused(reason) => {
-                return Err(RequestError::Refused {
-                    peer,
-                    protocol: ChunkProtocol::NAME,
-                    reason,
-                })
-            }
-            ChunkResponse::Stored | ChunkResponse::Missing(_) => {
-                return Err(self.bad_answer(peer, "answered a fetch with no chunks".into()))
-            }
+            ChunkResponse::Refused(reason) => return Err(chunk_refusal(peer, reason)),
+            _ => return Err(self.bad_answer(peer, "answered a fetch with no chunks".into())),
         };
         if chunks.len() != ids.len() {
             let what = format!("{} chunks for {} ids", chunks.len(), ids.len());
@@ -425,14 +418,8 @@ impl TransportHandle {
     fn expect_stored(&self, peer: PeerId, resp: ChunkResponse) -> Result<(), RequestError> {
         match resp {
             ChunkResponse::Stored => Ok(()),
-            ChunkResponse::Refused(reason) => Err(RequestError::Refused {
-                peer,
-                protocol: ChunkProtocol::NAME,
-                reason,
-            }),
-            ChunkResponse::Fetched(_) | ChunkResponse::Missing(_) => {
-                Err(self.bad_answer(peer, "answered a push with something else".into()))
-            }
+            ChunkResponse::Refused(reason) => Err(chunk_refusal(peer, reason)),
+            _ => Err(self.bad_answer(peer, "answered a push with something else".into())),
         }
     }
 
@@ -462,19 +449,167 @@ impl TransportHandle {
                     }
                     out.extend(missing);
                 }
-                ChunkResponse::Refused(reason) => {
-                    return Err(RequestError::Refused {
-                        peer,
-                        protocol: ChunkProtocol::NAME,
-                        reason,
-                    })
-                }
+                ChunkResponse::Refused(reason) => return Err(chunk_refusal(peer, reason)),
                 _ => {
                     return Err(self.bad_answer(peer, "answered a query with something else".into()))
                 }
             }
         }
         Ok(out)
+    }
+
+    /// For each `(base, added)`: which chunks of the manifest `base` and of
+    /// `added` `peer` lacks, or `None` if it does not know `base`. Asked in
+    /// requests within the protocol's limits.
+    pub async fn missing_since(
+        &self,
+        peer: PeerId,
+        queries: &[(Hash, Vec<Hash>)],
+    ) -> Result<Vec<Option<Vec<Hash>>>, RequestError> {
+        let mut out = Vec::with_capacity(queries.len());
+        let mut start = 0;
+        while start < queries.len() {
+            let mut end = start;
+            let mut ids = 0;
+            while end < queries.len()
+                && end - start < MAX_DELTA_QUERIES
+                && (end == start || ids + queries[end].1.len() <= MAX_MISSING_QUERY)
+            {
+                ids += queries[end].1.len();
+                end += 1;
+            }
+            if ids > MAX_MISSING_QUERY {
+                return Err(RequestError::Invalid(format!(
+                    "{ids} added chunk ids in one version, at most {MAX_MISSING_QUERY}"
+                )));
+            }
+            let req = ChunkRequest::MissingSince(
+                queries[start..end]
+                    .iter()
+                    .map(|(base, added)| SinceQuery {
+                        base: *base,
+                        added: HashBlob::from_hashes(added),
+                    })
+                    .collect(),
+            );
+            match self
+                .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+                .await?
+            {
+                ChunkResponse::MissingSince(answers) if answers.len() == end - start => {
+                    for a in answers {
+                        out.push(match a {
+                            None => None,
+                            Some(blob) => Some(blob.to_hashes().ok_or_else(|| {
+                                self.bad_answer(
+                                    peer,
+                                    "missing list is not a whole number of hashes".into(),
+                                )
+                            })?),
+                        });
+                    }
+                }
+                ChunkResponse::Refused(reason) => return Err(chunk_refusal(peer, reason)),
+                _ => {
+                    return Err(self.bad_answer(peer, "answered a query with something else".into()))
+                }
+            }
+            start = end;
+        }
+        Ok(out)
+    }
+
+    /// Signatures of the bytes `peer` holds for each run of chunks (their
+    /// concatenation), `None` for a run it cannot sign.
+    pub async fn signatures(
+        &self,
+        peer: PeerId,
+        runs: &[Vec<Hash>],
+    ) -> Result<Vec<Option<Vec<u8>>>, RequestError> {
+        let mut out = Vec::with_capacity(runs.len());
+        for part in runs.chunks(MAX_DELTA_QUERIES) {
+            let req = ChunkRequest::Signatures(part.iter().map(HashBlob::from_hashes).collect());
+            match self
+                .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+                .await?
+            {
+                ChunkResponse::Signatures(sigs) if sigs.len() == part.len() => {
+                    out.extend(
+                        sigs.into_iter()
+                            .map(|s| s.map(serde_bytes::ByteBuf::into_vec)),
+                    );
+                }
+                ChunkResponse::Refused(reason) => return Err(chunk_refusal(peer, reason)),
+                _ => {
+                    return Err(self.bad_answer(
+                        peer,
+                        "answered a signature request with something else".into(),
+                    ))
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fetches chunks from `peer` as deltas: for each `(signature, ids)`,
+    /// per id, a delta against the bytes the signature describes, or
+    /// `None` (fetch that one whole). Deltas are not trusted: the caller
+    /// rebuilds each and checks it against its id.
+    pub async fn fetch_deltas(
+        &self,
+        peer: PeerId,
+        wanted: &[(Vec<u8>, Vec<Hash>)],
+    ) -> Result<Vec<Option<Vec<u8>>>, RequestError> {
+        let n: usize = wanted.iter().map(|(_, ids)| ids.len()).sum();
+        if n > MAX_CHUNKS_PER_REQUEST || wanted.len() > MAX_DELTA_QUERIES {
+            return Err(RequestError::Invalid(format!(
+                "{n} chunks against {} signatures in one delta fetch, at most \
+                 {MAX_CHUNKS_PER_REQUEST} against {MAX_DELTA_QUERIES}",
+                wanted.len()
+            )));
+        }
+        let req = ChunkRequest::FetchDeltas(
+            wanted
+                .iter()
+                .map(|(signature, ids)| DeltaWanted {
+                    signature: signature.clone(),
+                    ids: HashBlob::from_hashes(ids),
+                })
+                .collect(),
+        );
+        let _slot = self.bulk.acquire(peer).await?;
+        match self
+            .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+            .await?
+        {
+            ChunkResponse::Deltas(d) if d.len() == n => Ok(d
+                .into_iter()
+                .map(|d| d.map(serde_bytes::ByteBuf::into_vec))
+                .collect()),
+            ChunkResponse::Refused(reason) => Err(chunk_refusal(peer, reason)),
+            _ => Err(self.bad_answer(peer, "answered a delta fetch with something else".into())),
+        }
+    }
+
+    /// Pushes chunks as deltas against runs of chunks `peer` holds; it
+    /// rebuilds and checks each, and answers once all are durable there.
+    pub async fn push_deltas(
+        &self,
+        peer: PeerId,
+        deltas: Vec<ChunkDelta>,
+    ) -> Result<(), RequestError> {
+        if deltas.is_empty() || deltas.len() > MAX_CHUNKS_PER_REQUEST {
+            return Err(RequestError::Invalid(format!(
+                "{} deltas in one push, need 1 to {MAX_CHUNKS_PER_REQUEST}",
+                deltas.len()
+            )));
+        }
+        let req = ChunkRequest::PushDeltas(deltas);
+        let _slot = self.bulk.acquire(peer).await?;
+        let resp = self
+            .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+            .await?;
+        self.expect_stored(peer, resp)
     }
 
     /// Pushes chunks to `peer`, which answers once they are durable there.
@@ -498,6 +633,14 @@ impl TransportHandle {
             protocol: ChunkProtocol::NAME,
             what,
         }
+    }
+}
+
+fn chunk_refusal(peer: PeerId, reason: String) -> RequestError {
+    RequestError::Refused {
+        peer,
+        protocol: ChunkProtocol::NAME,
+        reason,
     }
 }
 

@@ -33,7 +33,9 @@ pub use codec::{CodecCounts, CodecError, CodecMetrics};
 pub use handle::{start_transport, RequestError, TransportHandle};
 pub use identity::{load_or_create_identity, IdentityError};
 pub use libp2p::{identity::Keypair, Multiaddr, PeerId};
-pub use messages::{ChunkData, ForwardResponse, MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BATCH_BYTES};
+pub use messages::{
+    ChunkData, ChunkDelta, ForwardResponse, HashBlob, MAX_CHUNKS_PER_REQUEST, MAX_CHUNK_BATCH_BYTES,
+};
 pub use metrics::TransportMetrics;
 pub use raft_network::{peer_of, NodeAddrError, P2pRaftNetwork, PeerConnection};
 pub use remote_tree::{diff_remote_tree, RemoteTree};

@@ -28,6 +28,9 @@ pub const MAX_SNAPSHOT_CHUNK: usize = 4 * MIB;
 pub const MAX_CHUNKS_PER_REQUEST: usize = 256;
 /// Most chunk ids in one [`ChunkRequest::Missing`] query.
 pub const MAX_MISSING_QUERY: usize = 64 * 1024;
+/// Most queries in one [`ChunkRequest::MissingSince`], and most runs in one
+/// [`ChunkRequest::Signatures`].
+pub const MAX_DELTA_QUERIES: usize = 4096;
 /// Most bytes of chunk data in one fetch answer or push request.
 pub const MAX_CHUNK_BATCH_BYTES: usize = 8 * MIB;
 /// Most Merkle nodes in one tree answer.
@@ -242,8 +245,80 @@ pub enum ChunkRequest {
     /// Lets a writer push only what a peer does not hold.
     Missing(HashBlob),
     /// Store these file manifests durably, with one sync for the lot.
-    /// (Last, so the variants before it keep their wire tags.)
     PushManifests(Vec<serde_bytes::ByteBuf>),
+    /// Which chunks of these new versions do you lack? Each query names a
+    /// version you hold (its manifest root) and only the chunk ids the new
+    /// version adds to it, so the ids both share never travel; the answer
+    /// covers both. (At most [`MAX_DELTA_QUERIES`] queries and
+    /// [`MAX_MISSING_QUERY`] added ids in all.)
+    MissingSince(Vec<SinceQuery>),
+    /// Signatures (fast_rsync's format) of the bytes of these runs of
+    /// chunks, each run the concatenation of the chunks it lists: what a
+    /// writer diffs a new chunk against. (At most [`MAX_DELTA_QUERIES`].)
+    Signatures(Vec<HashBlob>),
+    /// Rebuild each chunk from a delta against a run of chunks you hold,
+    /// check it against its id, and store them all durably before answering.
+    PushDeltas(Vec<ChunkDelta>),
+    /// Send me these chunks as deltas against the bytes each signature
+    /// describes (bytes I hold), where a delta is much smaller than the
+    /// chunk. (At most [`MAX_DELTA_QUERIES`] signatures and
+    /// [`MAX_CHUNKS_PER_REQUEST`] ids in all.)
+    /// (Variants are only ever appended: each keeps its wire tag.)
+    FetchDeltas(Vec<DeltaWanted>),
+}
+
+/// One signature of [`ChunkRequest::FetchDeltas`] and the chunks wanted
+/// as deltas against it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaWanted {
+    /// fast_rsync's signature format.
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+    pub ids: HashBlob,
+}
+
+impl fmt::Debug for DeltaWanted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "DeltaWanted({} signature bytes, {} chunks)",
+            self.signature.len(),
+            self.ids.count()
+        )
+    }
+}
+
+/// One query of [`ChunkRequest::MissingSince`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SinceQuery {
+    /// Root of the manifest of the version the asker believes you hold.
+    pub base: Hash,
+    /// Chunk ids of the new version that `base` lacks.
+    pub added: HashBlob,
+}
+
+/// One chunk of [`ChunkRequest::PushDeltas`].
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChunkDelta {
+    /// The chunk the delta rebuilds.
+    pub id: Hash,
+    /// The run of chunks it is a delta against, in order.
+    pub base: HashBlob,
+    /// fast_rsync's delta format.
+    #[serde(with = "serde_bytes")]
+    pub delta: Vec<u8>,
+}
+
+impl fmt::Debug for ChunkDelta {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "ChunkDelta({}, against {} chunks, {} delta bytes)",
+            self.id.fmt_short(),
+            self.base.count(),
+            self.delta.len()
+        )
+    }
 }
 
 /// One chunk on the wire.
@@ -289,6 +364,16 @@ pub enum ChunkResponse {
     Missing(HashBlob),
     /// The request was invalid or the peer failed; the text says why.
     Refused(String),
+    /// Per query of a [`ChunkRequest::MissingSince`], in order: the chunks
+    /// lacking among the base's and the added ones, or `None` if the base
+    /// version is unknown here.
+    MissingSince(Vec<Option<HashBlob>>),
+    /// Per run of a [`ChunkRequest::Signatures`], in order: its signature,
+    /// or `None` if a chunk of it is not held here.
+    Signatures(Vec<Option<serde_bytes::ByteBuf>>),
+    /// Per id of a [`ChunkRequest::FetchDeltas`], in order: its delta, or
+    /// `None` if not held here or not worth it (then fetch it whole).
+    Deltas(Vec<Option<serde_bytes::ByteBuf>>),
 }
 
 /// What a follower asks of the leader on a client's behalf.

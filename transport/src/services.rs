@@ -73,6 +73,51 @@ pub trait Services: Send + Sync + 'static {
         ids: Vec<Hash>,
     ) -> BoxFuture<'_, Result<Vec<Hash>, ServiceError>>;
 
+    /// For each `(base, added)`: the chunks lacking here among those of the
+    /// manifest `base` and `added`, or `None` if this node does not hold
+    /// the manifest `base`. Nodes that keep no manifests answer `None`.
+    fn missing_since(
+        &self,
+        _peer: PeerId,
+        queries: Vec<(Hash, Vec<Hash>)>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<Hash>>>, ServiceError>> {
+        Box::pin(async move { Ok(vec![None; queries.len()]) })
+    }
+
+    /// For each run of chunk ids: a signature of their concatenated bytes
+    /// (fast_rsync's format), or `None` if one is not held here.
+    fn signatures(
+        &self,
+        _peer: PeerId,
+        runs: Vec<Vec<Hash>>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+        Box::pin(async move { Ok(vec![None; runs.len()]) })
+    }
+
+    /// Rebuilds each `(id, base run, delta)` from the run's bytes, checks
+    /// it against `id`, and stores them all durably before returning (all
+    /// or none).
+    fn store_deltas(
+        &self,
+        _peer: PeerId,
+        deltas: Vec<(Hash, Vec<Hash>, Vec<u8>)>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
+        let n = deltas.len();
+        Box::pin(async move { Err(ServiceError(format!("{n} chunk deltas: not served here"))) })
+    }
+
+    /// For each `(signature, ids)`: per id, a delta of the chunk against
+    /// the bytes the signature describes, or `None` if it is not held here
+    /// or a delta is not worth it.
+    fn deltas(
+        &self,
+        _peer: PeerId,
+        wanted: Vec<(Vec<u8>, Vec<Hash>)>,
+    ) -> BoxFuture<'_, Result<Vec<Option<Vec<u8>>>, ServiceError>> {
+        let n = wanted.iter().map(|(_, ids)| ids.len()).sum();
+        Box::pin(async move { Ok(vec![None; n]) })
+    }
+
     /// Proposes a client write forwarded by a follower and answers once it
     /// is committed and applied (or why not).
     fn forward_write(&self, peer: PeerId, request: Request) -> BoxFuture<'_, ForwardResponse>;

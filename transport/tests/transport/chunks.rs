@@ -1,7 +1,7 @@
 use std::time::Duration;
 
 use synod_merkle::Hash;
-use synod_transport::{Bytes, ChunkData, RequestError};
+use synod_transport::{Bytes, ChunkData, ChunkDelta, HashBlob, RequestError};
 
 use crate::common::*;
 
@@ -120,4 +120,37 @@ async fn a_peer_answers_which_chunks_it_lacks() {
         *b.services.manifests.lock().unwrap(),
         vec![b"manifest one".to_vec(), b"manifest two".to_vec()]
     );
+}
+
+#[tokio::test]
+async fn delta_requests_get_answers_a_node_without_manifests_can_give() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let b = must_start_node(local_config()).await;
+    must_mesh(&[&a, &b]).await;
+    let held = b.services.add_chunk(vec![2u8; 1000]);
+    let to = b.handle.local_peer_id();
+    // A node that keeps no manifests knows no base version: the writer
+    // then asks about every chunk.
+    let base = Hash::of(b"some manifest");
+    let answers = a
+        .handle
+        .missing_since(to, &[(base, vec![held]), (base, vec![])])
+        .await
+        .unwrap();
+    assert_eq!(answers, vec![None, None]);
+    let sigs = a.handle.signatures(to, &[vec![held]]).await.unwrap();
+    assert_eq!(sigs, vec![None]);
+    let err = a.handle.push_deltas(to, vec![]).await.unwrap_err();
+    assert!(err.to_string().contains("0 deltas"), "{err}");
+    let delta = ChunkDelta {
+        id: Hash::of(b"new"),
+        base: HashBlob::from_hashes(&[held]),
+        delta: b"not a delta".to_vec(),
+    };
+    let err = a.handle.push_deltas(to, vec![delta]).await.unwrap_err();
+    assert!(err.to_string().contains("not served here"), "{err}");
+    // And it goes on serving.
+    let got = a.handle.fetch_chunks(to, &[held]).await.unwrap();
+    assert_eq!(got, vec![Some(Bytes::from(vec![2u8; 1000]))]);
 }
