@@ -203,6 +203,19 @@ impl PeerNet for TransportNet {
         Ok(())
     }
 
+    async fn fetch_from(
+        &self,
+        peer: NodeId,
+        from: NodeId,
+        ids: Vec<Hash>,
+    ) -> Result<(), PeerError> {
+        let p = self.peer(peer)?;
+        self.handle
+            .fetch_from(p, from, &ids)
+            .await
+            .map_err(|e| PeerError::new(peer, e))
+    }
+
     async fn fetch_deltas(
         &self,
         peer: NodeId,
@@ -484,6 +497,19 @@ impl Services for NodeServices {
             received(&node, &peer, deltas.iter().map(|(_, _, d)| d.len()).sum());
             Ok(())
         })
+    }
+
+    fn fetch_from(
+        &self,
+        _peer: PeerId,
+        from: u64,
+        ids: Vec<Hash>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
+        async move {
+            let node = self.node()?.clone();
+            node.pull_from(from, ids).await.map_err(ServiceError)
+        }
+        .boxed()
     }
 
     fn forward_write(&self, _peer: PeerId, request: Request) -> BoxFuture<'_, ForwardResponse> {

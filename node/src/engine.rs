@@ -46,6 +46,9 @@ const PUSH_CHUNKS: usize = synod_transport::MAX_CHUNKS_PER_REQUEST;
 const MANIFEST_PUSH_BYTES: usize = synod_transport::MAX_CHUNK_BATCH_BYTES / 2;
 /// Push requests to one peer in flight at once.
 const PUSHES_IN_FLIGHT: usize = 3;
+/// From this many bytes a push goes only to as many voters as the
+/// replication factor needs (see [`SyncNode::replicate_many`]).
+const BULK_PUSH_BYTES: u64 = 64 << 20;
 
 /// Everything one running node owns.
 pub struct SyncNode<N: PeerNet> {
@@ -337,10 +340,39 @@ impl<N: PeerNet> SyncNode<N> {
                 break peers;
             }
         };
-        let mut tasks: FuturesUnordered<_> = peers
-            .iter()
-            .map(|&peer| async move { (peer, self.push_missing(peer, files).await) })
-            .collect();
+        // Small pushes race to every voter and the first `need` to finish
+        // win. A bulk push goes to `need` voters only, another one for each
+        // that fails: racing it would split this node's uplink across every
+        // voter and commit only when all are nearly done, while the voters
+        // left out fetch the content from each other after the commit.
+        let bulk: u64 = files.iter().map(|(m, _, _)| m.size()).sum();
+        let mut queue: std::collections::VecDeque<NodeId> = if bulk >= BULK_PUSH_BYTES {
+            self.by_contact(peers).into()
+        } else {
+            peers.into()
+        };
+        let start = if bulk >= BULK_PUSH_BYTES {
+            need
+        } else {
+            queue.len()
+        };
+        if bulk >= BULK_PUSH_BYTES && need >= 2 && queue.len() >= need {
+            let chosen: Vec<NodeId> = queue.iter().take(need).copied().collect();
+            match self.push_striped(&chosen, files).await {
+                Ok(()) => {
+                    holders.extend(chosen);
+                    return Ok(holders);
+                }
+                Err(e @ NodeError::Internal(_)) => return Err(e),
+                // What did arrive stays: the pushes below ask first.
+                Err(e) => {
+                    warn!(peers = ?chosen, cause = %e, "striped push failed; pushing to each")
+                }
+            }
+        }
+        let push = |peer: NodeId| async move { (peer, self.push_missing(peer, files).await) };
+        let mut tasks: FuturesUnordered<_> =
+            queue.drain(..start.min(queue.len())).map(push).collect();
         let mut failures = Vec::new();
         while let Some((peer, result)) = tasks.next().await {
             match result {
@@ -356,6 +388,9 @@ impl<N: PeerNet> SyncNode<N> {
                 Err(e) => {
                     warn!(peer, files = files.len(), cause = %e, "content push failed");
                     failures.push(e.to_string());
+                    if let Some(next) = queue.pop_front() {
+                        tasks.push(push(next));
+                    }
                 }
             }
         }
@@ -367,6 +402,18 @@ impl<N: PeerNet> SyncNode<N> {
         )))
     }
 
+    /// `peers` with those whose Raft RPCs failed since their last answer
+    /// last (only the leader sends RPCs; elsewhere the order is kept).
+    fn by_contact(&self, mut peers: Vec<NodeId>) -> Vec<NodeId> {
+        peers.sort_by_key(|&p| {
+            self.metrics
+                .contacts
+                .of(p)
+                .map_or(0, |c| c.failures_since.min(1))
+        });
+        peers
+    }
+
     async fn push_missing(
         &self,
         peer: NodeId,
@@ -374,95 +421,151 @@ impl<N: PeerNet> SyncNode<N> {
     ) -> Result<(), NodeError> {
         let mut missing = self.ask_missing(peer, files).await?;
         self.push_as_deltas(peer, files, &mut missing).await?;
-        // Each missing chunk once, read from the first file that has it.
-        let refs: Vec<(&Path, ChunkRef)> = {
-            let mut done = HashSet::new();
-            files
-                .iter()
-                .flat_map(|(m, file, _)| m.chunks().iter().map(move |c| (*file, *c)))
-                .filter(|(_, c)| missing.contains(&c.id) && done.insert(c.id))
-                .collect()
-        };
-        let mut batches = Vec::new();
-        let mut start = 0;
-        while start < refs.len() {
-            let mut end = start;
-            let mut bytes = 0usize;
-            while end < refs.len() && end - start < PUSH_CHUNKS && bytes < BATCH_BYTES {
-                bytes += refs[end].1.len as usize;
-                end += 1;
-            }
-            let batch: Vec<(PathBuf, ChunkRef)> = refs[start..end]
-                .iter()
-                .map(|(f, c)| (f.to_path_buf(), *c))
-                .collect();
-            batches.push((batch, bytes));
-            start = end;
-        }
-        // The chunks alone are not the files: their order must survive this
-        // node too. The manifests travel alongside, not after, the chunks:
-        // the commit waits for both anyway.
-        let send_manifests = async {
-            let pushed: Vec<PushedManifest> = files
-                .iter()
-                .map(|(m, _, base)| PushedManifest::of(m, *base))
-                .collect();
-            let patched = pushed.iter().any(PushedManifest::is_patch);
-            match self.push_manifest_list(peer, &pushed).await {
-                // The peer lacks a base (it missed that version): whole.
-                Err(e) if patched => {
-                    debug!(peer, cause = %e, "manifest patches refused; pushing them whole");
-                    let whole: Vec<PushedManifest> = files
-                        .iter()
-                        .map(|(m, _, _)| PushedManifest::Whole((*m).clone()))
-                        .collect();
-                    self.push_manifest_list(peer, &whole).await
-                }
-                done => done,
-            }
-        };
+        let batches = push_batches(files, &missing);
+        let pushed: usize = batches.iter().map(|b| b.len()).sum();
         // A few pushes in flight: the receiver's fsync of one batch overlaps
         // the transfer of the next.
         let send_chunks = futures::stream::iter(batches)
-            .map(|(batch, bytes)| async move {
-                let chunks = tokio::task::spawn_blocking(
-                    move || -> Result<Vec<(Hash, Bytes)>, NodeError> {
-                        let mut open: Option<(PathBuf, std::fs::File)> = None;
-                        batch
-                            .into_iter()
-                            .map(|(path, c)| {
-                                let unreadable = |e: std::io::Error| {
-                                    NodeError::Internal(format!("reading {}: {e}", path.display()))
-                                };
-                                if open.as_ref().is_none_or(|(p, _)| *p != path) {
-                                    let f = std::fs::File::open(&path).map_err(unreadable)?;
-                                    open = Some((path.clone(), f));
-                                }
-                                let (_, f) = open.as_ref().expect("just opened");
-                                let buf = read_chunk_at(f, &path, &c)?;
-                                Ok((c.id, Bytes::from(buf)))
-                            })
-                            .collect()
-                    },
-                )
-                .await
-                .map_err(|e| NodeError::internal("reading upload", e))??;
-                self.net
-                    .push_chunks(peer, chunks)
-                    .await
-                    .map_err(|e| NodeError::Unavailable(e.to_string()))?;
-                Metrics::add(&self.metrics.bytes_pushed, bytes as u64);
-                Ok::<(), NodeError>(())
-            })
+            .map(|batch| self.push_batch(peer, batch))
             .buffered(PUSHES_IN_FLIGHT)
             .try_collect::<Vec<()>>();
+        // The chunks alone are not the files: their order must survive this
+        // node too. The manifests travel alongside, not after, the chunks:
+        // the commit waits for both anyway.
+        futures::try_join!(send_chunks, self.send_manifests(peer, files))?;
+        debug!(peer, files = files.len(), pushed, "content replicated");
+        Ok(())
+    }
+
+    /// Replicates a bulk push to `peers` sending each chunk over this
+    /// node's link once: batch `i` goes to `peers[i % k]`, and the others
+    /// copy it from there, so the writer's uplink carries one copy instead
+    /// of `k`. Every node answers only once what it got is fsynced.
+    async fn push_striped(
+        &self,
+        peers: &[NodeId],
+        files: &[(&Manifest, &Path, Option<&Manifest>)],
+    ) -> Result<(), NodeError> {
+        let missing: Vec<HashSet<Hash>> =
+            futures::future::try_join_all(peers.iter().map(|&peer| async move {
+                let mut missing = self.ask_missing(peer, files).await?;
+                self.push_as_deltas(peer, files, &mut missing).await?;
+                Ok::<_, NodeError>(missing)
+            }))
+            .await?;
+        let any: HashSet<Hash> = missing.iter().flatten().copied().collect();
+        let batches = push_batches(files, &any);
+        let (n, k) = (batches.len(), peers.len());
+        let missing = &missing;
+        let send_chunks = futures::stream::iter(batches.into_iter().enumerate())
+            .map(|(i, batch)| async move {
+                let owner = i % k;
+                let ids: Vec<Hash> = batch.iter().map(|(_, c)| c.id).collect();
+                let own: Vec<(PathBuf, ChunkRef)> = batch
+                    .into_iter()
+                    .filter(|(_, c)| missing[owner].contains(&c.id))
+                    .collect();
+                if !own.is_empty() {
+                    self.push_batch(peers[owner], own).await?;
+                }
+                let copies =
+                    peers
+                        .iter()
+                        .enumerate()
+                        .filter(|&(j, _)| j != owner)
+                        .map(|(j, &peer)| {
+                            let want: Vec<Hash> = ids
+                                .iter()
+                                .filter(|id| missing[j].contains(id))
+                                .copied()
+                                .collect();
+                            async move {
+                                if want.is_empty() {
+                                    return Ok(());
+                                }
+                                self.net
+                                    .fetch_from(peer, peers[owner], want)
+                                    .await
+                                    .map_err(|e| NodeError::Unavailable(e.to_string()))
+                            }
+                        });
+                futures::future::try_join_all(copies).await?;
+                Ok::<(), NodeError>(())
+            })
+            .buffered(PUSHES_IN_FLIGHT * k)
+            .try_collect::<Vec<()>>();
+        let send_manifests =
+            futures::future::try_join_all(peers.iter().map(|&p| self.send_manifests(p, files)));
         futures::try_join!(send_chunks, send_manifests)?;
         debug!(
-            peer,
+            ?peers,
             files = files.len(),
-            pushed = refs.len(),
-            "content replicated"
+            batches = n,
+            "content replicated, striped"
         );
+        Ok(())
+    }
+
+    /// Pushes the manifests of `files` to `peer`, as patches of the
+    /// versions it holds where there are any.
+    async fn send_manifests(
+        &self,
+        peer: NodeId,
+        files: &[(&Manifest, &Path, Option<&Manifest>)],
+    ) -> Result<(), NodeError> {
+        let pushed: Vec<PushedManifest> = files
+            .iter()
+            .map(|(m, _, base)| PushedManifest::of(m, *base))
+            .collect();
+        let patched = pushed.iter().any(PushedManifest::is_patch);
+        match self.push_manifest_list(peer, &pushed).await {
+            // The peer lacks a base (it missed that version): whole.
+            Err(e) if patched => {
+                debug!(peer, cause = %e, "manifest patches refused; pushing them whole");
+                let whole: Vec<PushedManifest> = files
+                    .iter()
+                    .map(|(m, _, _)| PushedManifest::Whole((*m).clone()))
+                    .collect();
+                self.push_manifest_list(peer, &whole).await
+            }
+            done => done,
+        }
+    }
+
+    /// Reads one batch of chunks from the files they belong to and pushes
+    /// it to `peer`.
+    async fn push_batch(
+        &self,
+        peer: NodeId,
+        batch: Vec<(PathBuf, ChunkRef)>,
+    ) -> Result<(), NodeError> {
+        let bytes: u64 = batch.iter().map(|(_, c)| c.len as u64).sum();
+        let chunks =
+            tokio::task::spawn_blocking(move || -> Result<Vec<(Hash, Bytes)>, NodeError> {
+                let mut open: Option<(PathBuf, std::fs::File)> = None;
+                batch
+                    .into_iter()
+                    .map(|(path, c)| {
+                        let unreadable = |e: std::io::Error| {
+                            NodeError::Internal(format!("reading {}: {e}", path.display()))
+                        };
+                        if open.as_ref().is_none_or(|(p, _)| *p != path) {
+                            let f = std::fs::File::open(&path).map_err(unreadable)?;
+                            open = Some((path.clone(), f));
+                        }
+                        let (_, f) = open.as_ref().expect("just opened");
+                        let buf = read_chunk_at(f, &path, &c)?;
+                        Ok((c.id, Bytes::from(buf)))
+                    })
+                    .collect()
+            })
+            .await
+            .map_err(|e| NodeError::internal("reading upload", e))??;
+        self.net
+            .push_chunks(peer, chunks)
+            .await
+            .map_err(|e| NodeError::Unavailable(e.to_string()))?;
+        Metrics::add(&self.metrics.bytes_pushed, bytes);
         Ok(())
     }
 
@@ -957,6 +1060,44 @@ impl<N: PeerNet> SyncNode<N> {
         Ok(())
     }
 
+    /// Serves a writer's [`PeerNet::fetch_from`]: fetches `ids` from member
+    /// `from` (every chunk checked by the transport) and stages them
+    /// durably. Each is counted as fetched.
+    pub async fn pull_from(&self, from: NodeId, ids: Vec<Hash>) -> Result<(), String> {
+        let (voters, learners, _) = self.members();
+        if from == self.id || !(voters.contains(&from) || learners.contains(&from)) {
+            return Err(format!("node {from} is not another member to fetch from"));
+        }
+        let got = self
+            .net
+            .fetch_chunks(from, ids.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut chunks = Vec::with_capacity(ids.len());
+        for (id, bytes) in ids.into_iter().zip(got) {
+            let bytes = bytes.ok_or_else(|| format!("node {from} lacks chunk {id}"))?;
+            chunks.push((id, bytes));
+        }
+        let (n, bytes) = (
+            chunks.len(),
+            chunks.iter().map(|(_, b)| b.len()).sum::<usize>(),
+        );
+        let staging = self.staging.clone();
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            staging
+                .put_many(&chunks)
+                .map_err(|e| format!("staging {n} chunks: {e}"))?;
+            staging
+                .sync_dir()
+                .map_err(|e| format!("fsync staging: {e}"))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        Metrics::add(&self.metrics.chunks_fetched, n as u64);
+        Metrics::add(&self.metrics.bytes_fetched, bytes as u64);
+        Ok(())
+    }
+
     fn stage_durably<B: AsRef<[u8]>>(&self, chunks: &[(Hash, B)]) -> Result<(), String> {
         self.staging
             .put_many(chunks)
@@ -1027,6 +1168,36 @@ impl<N: PeerNet> SyncNode<N> {
     pub(crate) fn log_started(&self) {
         info!(node = self.id, folder = %self.folder.display(), "sync engine started");
     }
+}
+
+/// The chunks of `files` in `missing`, each once (read from the first file
+/// that has it), in file order, in batches of at most [`PUSH_CHUNKS`] and
+/// about [`BATCH_BYTES`].
+fn push_batches(
+    files: &[(&Manifest, &Path, Option<&Manifest>)],
+    missing: &HashSet<Hash>,
+) -> Vec<Vec<(PathBuf, ChunkRef)>> {
+    let mut done = HashSet::new();
+    let mut batches: Vec<Vec<(PathBuf, ChunkRef)>> = Vec::new();
+    let mut bytes = 0usize;
+    for (m, file, _) in files {
+        for c in m.chunks() {
+            if !missing.contains(&c.id) || !done.insert(c.id) {
+                continue;
+            }
+            match batches.last_mut() {
+                Some(b) if b.len() < PUSH_CHUNKS && bytes < BATCH_BYTES => {
+                    bytes += c.len as usize;
+                    b.push((file.to_path_buf(), *c));
+                }
+                _ => {
+                    bytes = c.len as usize;
+                    batches.push(vec![(file.to_path_buf(), *c)]);
+                }
+            }
+        }
+    }
+    batches
 }
 
 /// Chunk `c` of the file `f` at `path`, checked against its id: a file

@@ -69,6 +69,15 @@ pub trait PeerNet: Send + Sync + 'static {
         deltas: Vec<ChunkAsDelta>,
     ) -> impl Future<Output = Result<(), PeerError>> + Send;
 
+    /// Has `peer` fetch `ids` from member `from` and store them, fsynced
+    /// before it answers.
+    fn fetch_from(
+        &self,
+        peer: NodeId,
+        from: NodeId,
+        ids: Vec<Hash>,
+    ) -> impl Future<Output = Result<(), PeerError>> + Send;
+
     /// Chunks from `peer` as deltas: for each `(signature, ids)`, per id, a
     /// delta against the bytes the signature describes, or `None`. Not
     /// checked: the caller rebuilds each chunk and checks it.

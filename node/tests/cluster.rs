@@ -96,6 +96,39 @@ fn with_a_copy_on_every_node_small_files_are_pushed_before_the_commit() {
 }
 
 #[test]
+fn with_a_copy_on_every_node_a_large_file_leaves_the_writer_once() {
+    let mut c = TestCluster::start_with(3, "[replication]\ncopies = 3\n");
+    let data = random_bytes(64 << 20, 5);
+    let size = data.len() as u64;
+    c.client(1).put("big.bin", &data[..], None).unwrap();
+    // Pushed in stripes, each peer copying the other's from it: racing
+    // whole pushes to both would have sent it twice.
+    let pushed = c.metrics(1)["bytes_pushed"].as_u64().unwrap();
+    eprintln!("writer pushed {pushed} bytes of a {size}-byte file to two peers");
+    assert!(
+        pushed >= size && pushed < size + size / 8,
+        "writer pushed {pushed} bytes, expected about one copy ({size})"
+    );
+    for id in 2..=3 {
+        let m = c.metrics(id);
+        let (got_pushed, copied) = (
+            m["bytes_received_pushed"].as_u64().unwrap(),
+            m["bytes_fetched"].as_u64().unwrap(),
+        );
+        eprintln!("node {id}: {got_pushed} bytes pushed, {copied} copied from its peer");
+        assert!(
+            got_pushed > size / 4 && copied > size / 4,
+            "node {id} got {got_pushed} pushed and {copied} copied, expected about half each"
+        );
+    }
+    // Answered means durable on every node: the writer may die at once.
+    c.kill_node(1);
+    for id in 2..=3 {
+        c.must_see_file(id, "big.bin", &data);
+    }
+}
+
+#[test]
 fn an_edit_in_a_large_file_moves_only_changed_chunks() {
     let c = TestCluster::start(3);
     let mut data = random_bytes(64 << 20, 2);

@@ -354,6 +354,22 @@ impl Driver {
                 }
                 ChunkRequest::Signatures(runs) => serve_signatures(&*services, peer, runs).await,
                 ChunkRequest::FetchDeltas(wanted) => serve_deltas(&*services, peer, wanted).await,
+                ChunkRequest::FetchFrom { from, ids } => match ids.to_hashes() {
+                    None => ChunkResponse::Refused(
+                        "chunk id list is not a whole number of hashes".into(),
+                    ),
+                    Some(ids) if ids.is_empty() || ids.len() > MAX_CHUNKS_PER_REQUEST => {
+                        ChunkResponse::Refused(format!(
+                            "{} chunk ids to fetch from node {from}: need 1 to \
+                             {MAX_CHUNKS_PER_REQUEST}",
+                            ids.len()
+                        ))
+                    }
+                    Some(ids) => match services.fetch_from(peer, from, ids).await {
+                        Ok(()) => ChunkResponse::Stored,
+                        Err(e) => ChunkResponse::Refused(e.0),
+                    },
+                },
                 ChunkRequest::PushDeltas(deltas) => {
                     let mut list = Vec::with_capacity(deltas.len());
                     for d in deltas {

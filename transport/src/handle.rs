@@ -612,6 +612,31 @@ impl TransportHandle {
         self.expect_stored(peer, resp)
     }
 
+    /// Asks `peer` to fetch `ids` from member `from` (a Raft node id) and
+    /// store them; `Ok` once they are durable there. Takes no bulk slot:
+    /// the chunks travel on `from`'s link to `peer`, not on ours.
+    pub async fn fetch_from(
+        &self,
+        peer: PeerId,
+        from: u64,
+        ids: &[Hash],
+    ) -> Result<(), RequestError> {
+        if ids.is_empty() || ids.len() > MAX_CHUNKS_PER_REQUEST {
+            return Err(RequestError::Invalid(format!(
+                "{} chunk ids to fetch from node {from}, need 1 to {MAX_CHUNKS_PER_REQUEST}",
+                ids.len()
+            )));
+        }
+        let req = ChunkRequest::FetchFrom {
+            from,
+            ids: HashBlob::from_hashes(ids),
+        };
+        let resp = self
+            .call::<ChunkProtocol>(|tx| Command::Chunks(peer, req, tx))
+            .await?;
+        self.expect_stored(peer, resp)
+    }
+
     /// Pushes chunks to `peer`, which answers once they are durable there.
     pub async fn push_chunks(
         &self,

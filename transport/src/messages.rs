@@ -263,8 +263,13 @@ pub enum ChunkRequest {
     /// describes (bytes I hold), where a delta is much smaller than the
     /// chunk. (At most [`MAX_DELTA_QUERIES`] signatures and
     /// [`MAX_CHUNKS_PER_REQUEST`] ids in all.)
-    /// (Variants are only ever appended: each keeps its wire tag.)
     FetchDeltas(Vec<DeltaWanted>),
+    /// Fetch these chunks (at most [`MAX_CHUNKS_PER_REQUEST`]) from member
+    /// `from` (its Raft node id), check them and store them durably before
+    /// answering: a writer sends each chunk of a large file over its own
+    /// link once and has the nodes that must hold it copy from each other.
+    /// (Variants are only ever appended: each keeps its wire tag.)
+    FetchFrom { from: u64, ids: HashBlob },
 }
 
 /// One signature of [`ChunkRequest::FetchDeltas`] and the chunks wanted

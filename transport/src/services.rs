@@ -118,6 +118,22 @@ pub trait Services: Send + Sync + 'static {
         Box::pin(async move { Ok(vec![None; n]) })
     }
 
+    /// Fetches `ids` from member `from`, checks them and stores them all
+    /// durably before returning.
+    fn fetch_from(
+        &self,
+        _peer: PeerId,
+        from: u64,
+        ids: Vec<Hash>,
+    ) -> BoxFuture<'_, Result<(), ServiceError>> {
+        let n = ids.len();
+        Box::pin(async move {
+            Err(ServiceError(format!(
+                "{n} chunks to fetch from node {from}: not served here"
+            )))
+        })
+    }
+
     /// Proposes a client write forwarded by a follower and answers once it
     /// is committed and applied (or why not).
     fn forward_write(&self, peer: PeerId, request: Request) -> BoxFuture<'_, ForwardResponse>;

@@ -154,3 +154,26 @@ async fn delta_requests_get_answers_a_node_without_manifests_can_give() {
     let got = a.handle.fetch_chunks(to, &[held]).await.unwrap();
     assert_eq!(got, vec![Some(Bytes::from(vec![2u8; 1000]))]);
 }
+
+#[tokio::test]
+async fn a_fetch_from_request_reaches_the_service_and_bad_ones_stay_local() {
+    init_tracing();
+    let a = must_start_node(local_config()).await;
+    let b = must_start_node(local_config()).await;
+    must_mesh(&[&a, &b]).await;
+    let ids = [Hash::of(b"one"), Hash::of(b"two")];
+
+    let err = b.handle.fetch_from(a.peer, 7, &[]).await.unwrap_err();
+    assert!(matches!(err, RequestError::Invalid(_)), "{err}");
+    let many = vec![Hash::of(b"x"); synod_transport::messages::MAX_CHUNKS_PER_REQUEST + 1];
+    let err = b.handle.fetch_from(a.peer, 7, &many).await.unwrap_err();
+    assert!(matches!(err, RequestError::Invalid(_)), "{err}");
+
+    // The test services do not copy from peers: the refusal names the
+    // count and the node, and travels back as such.
+    let err = b.handle.fetch_from(a.peer, 7, &ids).await.unwrap_err();
+    assert!(
+        matches!(&err, RequestError::Refused { reason, .. } if reason.contains("2 chunks") && reason.contains("node 7")),
+        "{err}"
+    );
+}
