@@ -49,6 +49,9 @@ const PUSHES_IN_FLIGHT: usize = 3;
 /// From this many bytes a push goes only to as many voters as the
 /// replication factor needs (see [`SyncNode::replicate_many`]).
 const BULK_PUSH_BYTES: u64 = 64 << 20;
+/// How long a striped push waits, once enough voters said which chunks
+/// they lack, for the other voters to say so too.
+const STRIPE_GRACE: Duration = Duration::from_millis(500);
 
 /// Everything one running node owns.
 pub struct SyncNode<N: PeerNet> {
@@ -341,10 +344,9 @@ impl<N: PeerNet> SyncNode<N> {
             }
         };
         // Small pushes race to every voter and the first `need` to finish
-        // win. A bulk push goes to `need` voters only, another one for each
-        // that fails: racing it would split this node's uplink across every
-        // voter and commit only when all are nearly done, while the voters
-        // left out fetch the content from each other after the commit.
+        // win. A bulk push goes in stripes (see `push_striped`): racing it
+        // would split this node's uplink across every voter. If that fails,
+        // it goes to `need` voters, another one for each that fails.
         let bulk: u64 = files.iter().map(|(m, _, _)| m.size()).sum();
         let mut queue: std::collections::VecDeque<NodeId> = if bulk >= BULK_PUSH_BYTES {
             self.by_contact(peers).into()
@@ -356,17 +358,17 @@ impl<N: PeerNet> SyncNode<N> {
         } else {
             queue.len()
         };
-        if bulk >= BULK_PUSH_BYTES && need >= 2 && queue.len() >= need {
-            let chosen: Vec<NodeId> = queue.iter().take(need).copied().collect();
-            match self.push_striped(&chosen, files).await {
-                Ok(()) => {
-                    holders.extend(chosen);
+        if bulk >= BULK_PUSH_BYTES && queue.len() >= 2 {
+            let all: Vec<NodeId> = queue.iter().copied().collect();
+            match self.push_striped(&all, need, files).await {
+                Ok(striped) => {
+                    holders.extend(striped);
                     return Ok(holders);
                 }
                 Err(e @ NodeError::Internal(_)) => return Err(e),
                 // What did arrive stays: the pushes below ask first.
                 Err(e) => {
-                    warn!(peers = ?chosen, cause = %e, "striped push failed; pushing to each")
+                    warn!(peers = ?all, cause = %e, "striped push failed; pushing to each")
                 }
             }
         }
@@ -437,22 +439,60 @@ impl<N: PeerNet> SyncNode<N> {
         Ok(())
     }
 
-    /// Replicates a bulk push to `peers` sending each chunk over this
-    /// node's link once: batch `i` goes to `peers[i % k]`, and the others
-    /// copy it from there, so the writer's uplink carries one copy instead
-    /// of `k`. Every node answers only once what it got is fsynced.
+    /// Replicates a bulk push to the voters `peers` sending each chunk over
+    /// this node's link once: batch `i` goes to the `i % k`-th, and the
+    /// others copy it from there, so the writer's uplink carries one copy
+    /// instead of `k`. The stripes go to every voter that answers the
+    /// first question (which chunks it lacks) within [`STRIPE_GRACE`] of
+    /// the `need`-th answer: voters that must get the content anyway get it
+    /// now, not after the commit, and a dead one is left out. Every node
+    /// answers only once what it got is fsynced. Returns those voters.
     async fn push_striped(
         &self,
         peers: &[NodeId],
+        need: usize,
         files: &[(&Manifest, &Path, Option<&Manifest>)],
-    ) -> Result<(), NodeError> {
-        let missing: Vec<HashSet<Hash>> =
-            futures::future::try_join_all(peers.iter().map(|&peer| async move {
-                let mut missing = self.ask_missing(peer, files).await?;
-                self.push_as_deltas(peer, files, &mut missing).await?;
-                Ok::<_, NodeError>(missing)
-            }))
-            .await?;
+    ) -> Result<Vec<NodeId>, NodeError> {
+        let mut asks: FuturesUnordered<_> = peers
+            .iter()
+            .map(|&peer| async move {
+                let asked = async {
+                    let mut missing = self.ask_missing(peer, files).await?;
+                    self.push_as_deltas(peer, files, &mut missing).await?;
+                    Ok::<_, NodeError>(missing)
+                };
+                (peer, asked.await)
+            })
+            .collect();
+        let mut answered: Vec<(NodeId, HashSet<Hash>)> = Vec::new();
+        let mut grace: Option<Instant> = None;
+        loop {
+            let next = match grace {
+                Some(until) => match tokio::time::timeout_at(until, asks.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                },
+                None => asks.next().await,
+            };
+            match next {
+                Some((peer, Ok(missing))) => answered.push((peer, missing)),
+                Some((_, Err(e @ NodeError::Internal(_)))) => return Err(e),
+                Some((peer, Err(e))) => debug!(peer, cause = %e, "left out of the stripes"),
+                None => break,
+            }
+            if answered.len() >= need.max(1) && grace.is_none() {
+                grace = Some(Instant::now() + STRIPE_GRACE);
+            }
+        }
+        drop(asks);
+        if answered.len() < need.max(1) {
+            return Err(NodeError::Unavailable(format!(
+                "{} of {need} voters answered which chunks they lack",
+                answered.len()
+            )));
+        }
+        let (peers, missing): (Vec<NodeId>, Vec<HashSet<Hash>>) = answered.into_iter().unzip();
+        let peers = &peers[..];
         let any: HashSet<Hash> = missing.iter().flatten().copied().collect();
         let batches = push_batches(files, &any);
         let (n, k) = (batches.len(), peers.len());
@@ -460,35 +500,37 @@ impl<N: PeerNet> SyncNode<N> {
         let send_chunks = futures::stream::iter(batches.into_iter().enumerate())
             .map(|(i, batch)| async move {
                 let owner = i % k;
-                let ids: Vec<Hash> = batch.iter().map(|(_, c)| c.id).collect();
-                let own: Vec<(PathBuf, ChunkRef)> = batch
-                    .into_iter()
-                    .filter(|(_, c)| missing[owner].contains(&c.id))
-                    .collect();
+                let lacked = |j: usize| -> Vec<(PathBuf, ChunkRef)> {
+                    batch
+                        .iter()
+                        .filter(|(_, c)| missing[j].contains(&c.id))
+                        .cloned()
+                        .collect()
+                };
+                let own = lacked(owner);
                 if !own.is_empty() {
                     self.push_batch(peers[owner], own).await?;
                 }
-                let copies =
-                    peers
-                        .iter()
-                        .enumerate()
-                        .filter(|&(j, _)| j != owner)
-                        .map(|(j, &peer)| {
-                            let want: Vec<Hash> = ids
-                                .iter()
-                                .filter(|id| missing[j].contains(id))
-                                .copied()
-                                .collect();
-                            async move {
-                                if want.is_empty() {
-                                    return Ok(());
-                                }
-                                self.net
-                                    .fetch_from(peer, peers[owner], want)
-                                    .await
-                                    .map_err(|e| NodeError::Unavailable(e.to_string()))
+                let copies = peers.iter().enumerate().filter(|&(j, _)| j != owner).map(
+                    |(j, &peer)| {
+                        let want = lacked(j);
+                        async move {
+                            if want.is_empty() {
+                                return Ok(());
                             }
-                        });
+                            let ids = want.iter().map(|(_, c)| c.id).collect();
+                            match self.net.fetch_from(peer, peers[owner], ids).await {
+                                Ok(()) => Ok(()),
+                                // The two may not reach each other (yet):
+                                // this stripe goes to it from here.
+                                Err(e) => {
+                                    debug!(peer, from = peers[owner], cause = %e, "stripe copy failed; pushing it");
+                                    self.push_batch(peer, want).await
+                                }
+                            }
+                        }
+                    },
+                );
                 futures::future::try_join_all(copies).await?;
                 Ok::<(), NodeError>(())
             })
@@ -503,7 +545,7 @@ impl<N: PeerNet> SyncNode<N> {
             batches = n,
             "content replicated, striped"
         );
-        Ok(())
+        Ok(peers.to_vec())
     }
 
     /// Pushes the manifests of `files` to `peer`, as patches of the

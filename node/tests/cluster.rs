@@ -129,6 +129,27 @@ fn with_a_copy_on_every_node_a_large_file_leaves_the_writer_once() {
 }
 
 #[test]
+fn a_large_write_is_striped_past_a_dead_voter() {
+    let mut c = TestCluster::start(3);
+    c.kill_node(3);
+    let data = random_bytes(64 << 20, 6);
+    let size = data.len() as u64;
+    // Node 3 does not answer which chunks it lacks: the stripes all go to
+    // node 2, once, and the write does not wait for node 3.
+    c.must_retry("a put with node 3 down", || {
+        c.client(1).put("big.bin", &data[..], None)
+    });
+    let pushed = c.metrics(1)["bytes_pushed"].as_u64().unwrap();
+    assert!(
+        pushed >= size && pushed < size + size / 8,
+        "writer pushed {pushed} bytes, expected one copy ({size})"
+    );
+    c.must_see_file(2, "big.bin", &data);
+    c.start_node(3);
+    c.must_see_file(3, "big.bin", &data);
+}
+
+#[test]
 fn an_edit_in_a_large_file_moves_only_changed_chunks() {
     let c = TestCluster::start(3);
     let mut data = random_bytes(64 << 20, 2);
