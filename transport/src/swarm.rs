@@ -154,7 +154,13 @@ pub(crate) fn build_swarm(
             }
         })
         .map_err(|e| SwarmError::Build(e.to_string()))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(config.idle_connection_timeout)
+                // Every request opens a stream for one protocol that all our
+                // peers speak: send it with the protocol proposal instead of
+                // waiting a round trip for the confirmation.
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
+        })
         .build();
     Ok(swarm)
 }
