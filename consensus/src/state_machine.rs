@@ -480,6 +480,19 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             if let Some(s) = settings.as_ref().filter(|_| settings_changed) {
                 batch.insert(M_SETTINGS, codec::encode(s));
             }
+            if !record.is_empty() {
+                mem.dedup.add(record_key, record);
+                let mut gone = mem.dedup.evict();
+                if let Some(b) = mem.building.as_mut() {
+                    b.evicted.append(&mut gone);
+                }
+                // In the entry's own batch: once the memory is full every
+                // entry evicts, and each `apply_batch` costs sled two IO
+                // buffer writes (see `log_store.rs`, `append`).
+                for k in gone {
+                    batch.remove(&k[..]);
+                }
+            }
             {
                 // See `SmShared::tree`: readers never see the leaves of
                 // this entry without its buckets marked.
@@ -488,23 +501,6 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     .map_err(|e| StorageIOError::apply(log_id, &e))?;
                 for (bucket, new_path) in tree_updates {
                     tree.mark(bucket, new_path);
-                }
-            }
-            if !record.is_empty() {
-                mem.dedup.add(record_key, record);
-                let mut gone = mem.dedup.evict();
-                if let Some(b) = mem.building.as_mut() {
-                    b.evicted.append(&mut gone);
-                }
-                if !gone.is_empty() {
-                    let mut b = sled::Batch::default();
-                    for k in gone {
-                        b.remove(&k[..]);
-                    }
-                    // Losing this delete in a crash only keeps some answers
-                    // longer; the next open evicts them again.
-                    sm.apply_batch(b)
-                        .map_err(|e| StorageIOError::apply(log_id, &e))?;
                 }
             }
             mem.last_applied = Some(log_id);

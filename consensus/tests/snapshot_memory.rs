@@ -180,16 +180,20 @@ fn snapshot_build_and_install_use_bounded_memory() {
             .find_map(|f| f.strip_prefix("file="))
             .expect("snapshot file"),
     );
-    let installed = must_run_phase("install", &src, &dst, Some(&snap));
-    let control = must_run_phase("open", &src, &dst, None);
-
+    // Peak RSS is noisy (allocator arenas, sled's threads; 56–80 MiB for
+    // the same install under load): each figure is the least of three
+    // runs, each into a fresh store.
+    let (mut install, mut open) = (u64::MAX, u64::MAX);
+    for run in 0..3 {
+        let dst = tmp.path().join(format!("dst{run}"));
+        let installed = must_run_phase("install", &src, &dst, Some(&snap));
+        assert_eq!(field(&installed, "entries"), n, "every entry installed");
+        let control = must_run_phase("open", &src, &dst, None);
+        install = install.min(field(&installed, "growth_kib"));
+        open = open.min(field(&control, "growth_kib"));
+    }
     let file_kib = field(&built, "file_bytes") / 1024;
-    let (build, install, open) = (
-        field(&built, "growth_kib"),
-        field(&installed, "growth_kib"),
-        field(&control, "growth_kib"),
-    );
-    assert_eq!(field(&installed, "entries"), n, "every entry installed");
+    let build = field(&built, "growth_kib");
     let summary = format!(
         "{n} entries: data (paths + encoded entries) {data_kib} KiB, snapshot file {file_kib} KiB; \
          peak RSS growth: build {build} KiB, install {install} KiB, \

@@ -145,6 +145,77 @@ async fn a_retried_command_gets_its_first_answer_and_is_not_applied_twice() {
 }
 
 #[tokio::test]
+async fn the_oldest_answers_are_forgotten_past_capacity_and_the_rest_kept_across_reopen() {
+    use synod_consensus::state_machine::DEDUP_CAPACITY;
+    const PER_ENTRY: u64 = 2048;
+    let d = tempfile::tempdir().expect("tempdir");
+    let (log, mut sm) = open_stores(d.path(), "c").expect("open");
+    let entries = (DEDUP_CAPACITY as u64).div_ceil(PER_ENTRY) + 1;
+    let put = |n: u64| {
+        Command::put(
+            &p(&format!("p{}", n % 64)),
+            file((n % 200) as u8),
+            Expect::Any,
+        )
+    };
+    for e in 0..entries {
+        let cmds = (0..PER_ENTRY)
+            .map(|i| {
+                let n = e * PER_ENTRY + i;
+                (rid(n + 1), put(n))
+            })
+            .collect();
+        must_apply(&mut sm, vec![normal(e + 1, cmds)]).await;
+    }
+    let next = entries + 1;
+    // Entry 1's answers are forgotten: its first request applies anew.
+    // The last entry's are remembered: a retry gets the first answer.
+    let last_rid = entries * PER_ENTRY;
+    let r = must_apply(
+        &mut sm,
+        vec![normal(
+            next,
+            vec![(rid(1), put(0)), (rid(last_rid), put(last_rid - 1))],
+        )],
+    )
+    .await;
+    assert_eq!(
+        r[0].answers,
+        vec![
+            Answer::Ok { version: next },
+            Answer::Ok { version: entries }
+        ],
+        "first request forgotten, last one remembered"
+    );
+
+    // After a reopen the same answers are remembered and forgotten.
+    drop(sm);
+    drop(log);
+    let (_log, mut sm) = open_stores(d.path(), "c").expect("reopen");
+    let r = must_apply(
+        &mut sm,
+        vec![normal(
+            next + 1,
+            vec![
+                (rid(2), put(1)),
+                (rid(last_rid), put(last_rid - 1)),
+                (rid(1), put(0)),
+            ],
+        )],
+    )
+    .await;
+    assert_eq!(
+        r[0].answers,
+        vec![
+            Answer::Ok { version: next + 1 },
+            Answer::Ok { version: entries },
+            Answer::Ok { version: next },
+        ],
+        "after reopen"
+    );
+}
+
+#[tokio::test]
 async fn invalid_path_is_rejected_and_nothing_applied() {
     let d = tempfile::tempdir().expect("tempdir");
     let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
