@@ -53,6 +53,15 @@ pub struct StateView {
 }
 
 impl StateView {
+    /// Keeps apply from making a log entry's writes meanwhile (see
+    /// `SmShared::visible`); single keys need it not.
+    fn visible(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.shared
+            .visible
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The inline content ([`crate::Command::PutInline`]) this node keeps for
     /// `path`, if it belongs to the content `root`.
     pub fn inline_content(
@@ -96,6 +105,7 @@ impl StateView {
         prefix: &str,
         limit: usize,
     ) -> Result<Vec<(NsPath, Entry)>, StorageError> {
+        let _whole_entries = self.visible();
         let mut out = Vec::new();
         for kv in self.shared.st.sm.scan_prefix(entry_key(prefix)).take(limit) {
             let (k, v) = kv.map_err(read_err)?;
@@ -185,6 +195,9 @@ impl StateView {
         let mut start = vec![P_CHANGE];
         start.extend_from_slice(&after.saturating_add(1).to_be_bytes());
         let end = [P_CHANGE + 1];
+        // Never part of a log entry: a caller resuming after its last
+        // version would skip the rest.
+        let _whole_entries = self.visible();
         let mut out = Vec::new();
         for k in self
             .shared

@@ -743,6 +743,10 @@ pub(crate) fn load(
         }
         st.sm.apply_batch(batch).map_err(sled_err)?;
     }
+    // What it would redo belongs to the state just cleared.
+    st.sm_redo
+        .remove(crate::state_machine::REDO_KEY)
+        .map_err(sled_err)?;
     let mut failure = None;
     let mut frame_no = 0u32;
     read_file(&path, |f| {

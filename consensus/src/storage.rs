@@ -26,8 +26,8 @@
 //! own database so that these flushes do not also write (and wait for) the
 //! pages apply dirtied: state machine writes become durable through sled's
 //! background flush (every 500 ms) or a snapshot, never on the commit path.
-//! That is safe because each applied entry is one atomic batch with
-//! `last_applied`, openraft re-applies the log from `last_applied` after a
+//! That is safe because each applied entry is atomic with `last_applied`
+//! (a redo record, see `state_machine.rs`), openraft re-applies the log from `last_applied` after a
 //! restart, and the log behind a snapshot is purged only after the snapshot
 //! build or install has flushed the state machine (`snapshot::set_current`).
 
@@ -137,8 +137,11 @@ pub struct NodeStorage {
     pub(crate) log: sled::Tree,
     /// Vote, committed, last purged, cluster id, current snapshot meta.
     pub(crate) meta: sled::Tree,
-    /// State machine, one tree so one `apply_batch` is atomic (see `state_machine.rs`).
+    /// State machine (see `state_machine.rs`).
     pub(crate) sm: sled::Tree,
+    /// The writes of the log entry being applied, as one value (see
+    /// `state_machine::Writes`); in `sm_db`, so in the same sled log as `sm`.
+    pub(crate) sm_redo: sled::Tree,
 }
 
 impl NodeStorage {
@@ -206,6 +209,10 @@ impl NodeStorage {
                 dir: sm_dir.clone(),
                 source,
             })?;
+        let sm_redo = sm_db.open_tree("redo").map_err(|source| OpenError::Sled {
+            dir: sm_dir.clone(),
+            source,
+        })?;
         let db_file = data_file(&db_dir).map_err(|e| sled_err(e.into()))?;
         let sm_file = data_file(&sm_dir).map_err(|e| OpenError::Sled {
             dir: sm_dir.clone(),
@@ -220,6 +227,7 @@ impl NodeStorage {
             log,
             meta,
             sm,
+            sm_redo,
         })
     }
 
