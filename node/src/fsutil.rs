@@ -26,10 +26,15 @@ pub fn temp_path(folder: &Path, purpose: &str) -> io::Result<PathBuf> {
 /// target's directory, so after a crash either the old or the new file is
 /// there, never a torn one.
 pub fn place(tmp: &Path, target: &Path) -> io::Result<()> {
-    let parent = target.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
-    std::fs::rename(tmp, target)?;
-    fsync_dir(parent)
+    rename_into(tmp, target)?;
+    fsync_dir(target.parent().unwrap_or(Path::new(".")))
+}
+
+/// Renames `tmp` over `target`, creating its parents; durable only once
+/// the caller syncs the target's directory (or its filesystem).
+pub fn rename_into(tmp: &Path, target: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
+    std::fs::rename(tmp, target)
 }
 
 /// Where a link target with manifest `m` is kept, relative to the folder.

@@ -160,14 +160,17 @@ async fn repair<N: PeerNet>(node: &Arc<SyncNode<N>>, path: &str) -> Result<(), S
     }
     std::fs::rename(&abs, &aside).map_err(|e| format!("moving {path} aside: {e}"))?;
     node.local.forget_file(path).map_err(|e| e.to_string())?;
+    let mut group = crate::materializer::PlaceGroup::default();
     crate::materializer::materialize_entry(
         node,
         &ns,
         &entry,
         crate::materializer::Assembled::none(),
+        &mut group,
     )
     .await
     .map_err(|e| e.to_string())?;
+    group.flush(node).await.map_err(|e| e.to_string())?;
     info!(path = %path, kept = %aside.display(), "repaired from peers");
     Ok(())
 }
