@@ -372,6 +372,8 @@ fn bad_requests_get_json_errors_and_change_nothing() {
         .map(|e| e["path"].as_str().unwrap())
         .collect();
     assert_eq!(paths, vec!["new.txt"]);
+    // Placed: the materializer's own temp file for it is gone.
+    c.must_see_file(1, "new.txt", b"x");
     let tmp_left = std::fs::read_dir(c.folder(1).join(".synod/tmp"))
         .map(|d| d.count())
         .unwrap_or(0);
