@@ -125,26 +125,39 @@ impl ChunkIndex {
     /// Records every chunk of `manifest` as located in `rel_path`, replacing
     /// what was recorded for that path before, atomically.
     pub fn record_file(&self, rel_path: &Path, manifest: &Manifest) -> Result<(), IndexError> {
-        let path = path_key(rel_path)?;
-        let blob = manifest.ids_blob();
-        let entries: Vec<(Vec<u8>, [u8; 12])> = manifest
-            .chunks()
-            .iter()
-            .map(|c| (location_key(&c.id, path), location_value(c.offset, c.len)))
-            .collect();
+        self.record_files(&[(rel_path, manifest)])
+    }
+
+    /// [`ChunkIndex::record_file`] for several files in one transaction:
+    /// sled seals and writes its log buffer for every transaction, so one
+    /// per file costs more than the file's own writes.
+    pub fn record_files(&self, batch: &[(&Path, &Manifest)]) -> Result<(), IndexError> {
+        type Prepared<'a> = (&'a [u8], Vec<u8>, Vec<(Vec<u8>, [u8; 12])>);
+        let mut prepared: Vec<Prepared<'_>> = Vec::with_capacity(batch.len());
+        for (rel_path, manifest) in batch {
+            let path = path_key(rel_path)?;
+            let entries = manifest
+                .chunks()
+                .iter()
+                .map(|c| (location_key(&c.id, path), location_value(c.offset, c.len)))
+                .collect();
+            prepared.push((path, manifest.ids_blob(), entries));
+        }
         (&self.locations, &self.files)
             .transaction(
                 |(locations, files)| -> ConflictableTransactionResult<(), sled::Error> {
-                    if let Some(old) = files.get(path)? {
-                        for id in old.chunks_exact(Hash::LEN) {
-                            locations.remove(location_key_raw(id, path))?;
+                    for (path, blob, entries) in &prepared {
+                        if let Some(old) = files.get(path)? {
+                            for id in old.chunks_exact(Hash::LEN) {
+                                locations.remove(location_key_raw(id, path))?;
+                            }
                         }
+                        // A chunk repeated in the file keeps its last offset; any works.
+                        for (key, value) in entries {
+                            locations.insert(key.as_slice(), &value[..])?;
+                        }
+                        files.insert(*path, blob.as_slice())?;
                     }
-                    // A chunk repeated in the file keeps its last offset; any works.
-                    for (key, value) in &entries {
-                        locations.insert(key.as_slice(), &value[..])?;
-                    }
-                    files.insert(path, blob.as_slice())?;
                     Ok(())
                 },
             )
@@ -410,6 +423,53 @@ mod tests {
             assert!(f.index.locate(&c.id).expect("locate").is_empty());
         }
         assert_eq!(f.index.file_chunk_ids(Path::new("x")).expect("ids"), None);
+    }
+
+    #[test]
+    fn files_recorded_together_match_files_recorded_one_by_one() {
+        let f = must_fixture();
+        let old = must_add(&f, Path::new("x"), &pseudo_random(40, 10_000));
+        let chunked = |name: &str, seed| {
+            let data = pseudo_random(seed, 12_000);
+            fs::write(f.root.join(name), &data).expect("write file");
+            chunk_slice(&data, small_params())
+        };
+        let (first, second, y) = (chunked("x", 41), chunked("x", 42), chunked("y", 43));
+        // "x" twice in one batch: the later record replaces the earlier one
+        // and the record from before the batch.
+        f.index
+            .record_files(&[
+                (Path::new("x"), &first),
+                (Path::new("y"), &y),
+                (Path::new("x"), &second),
+            ])
+            .expect("record files");
+        for gone in old.chunks().iter().chain(first.chunks()) {
+            if second.chunks().iter().any(|c| c.id == gone.id) {
+                continue;
+            }
+            assert!(f.index.locate(&gone.id).expect("locate").is_empty());
+        }
+        for (name, m) in [("x", &second), ("y", &y)] {
+            let ids: Vec<Hash> = m.chunks().iter().map(|c| c.id).collect();
+            assert_eq!(
+                f.index.file_chunk_ids(Path::new(name)).expect("ids"),
+                Some(ids)
+            );
+            for c in m.chunks() {
+                assert_eq!(
+                    f.index.read_chunk(&f.root, &c.id).expect("read").len(),
+                    c.len as usize
+                );
+            }
+        }
+        // One bad path refuses the whole batch.
+        let err = f
+            .index
+            .record_files(&[(Path::new("z"), &y), (Path::new("../escape"), &y)])
+            .unwrap_err();
+        assert!(matches!(err, IndexError::InvalidPath { .. }), "{err}");
+        assert_eq!(f.index.file_chunk_ids(Path::new("z")).expect("ids"), None);
     }
 
     #[test]

@@ -169,6 +169,30 @@ impl LocalState {
         Ok(())
     }
 
+    /// [`LocalState::record_file`] for regular files placed together: their
+    /// chunk locations go into the index in one transaction.
+    pub fn record_files(
+        &self,
+        batch: &[(&str, LocalFile, &Manifest)],
+    ) -> Result<(), LocalStateError> {
+        if batch.iter().any(|(_, f, _)| f.kind != EntryKind::File) {
+            return batch
+                .iter()
+                .try_for_each(|(path, file, m)| self.record_file(path, file, m));
+        }
+        let held: Vec<(&Path, &Manifest)> = batch
+            .iter()
+            .map(|(path, _, m)| (Path::new(*path), *m))
+            .collect();
+        self.index.record_files(&held)?;
+        for (path, file, manifest) in batch {
+            self.manifests
+                .insert(manifest.root().as_bytes(), encode(*manifest))?;
+            self.files.insert(path.as_bytes(), encode(file))?;
+        }
+        Ok(())
+    }
+
     /// Every file record, in path order.
     pub fn files(&self) -> Result<Vec<(String, LocalFile)>, LocalStateError> {
         let mut out = Vec::new();

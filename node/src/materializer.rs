@@ -501,8 +501,25 @@ impl PlaceGroup {
             .filter_map(|f| f.target.parent().map(PathBuf::from))
             .collect();
         sync_filesystems(parents.into_iter().collect()).await?;
+        // Recorded together (one index transaction); a file that cannot be
+        // stat'ed stops the records there, as a placement failure does.
+        let mut stamped = Vec::with_capacity(placed.len());
         for f in &placed {
-            record_placed(node, &f.path, &f.entry, &f.target, &f.manifest)?;
+            match placed_stamp(&f.entry, &f.target) {
+                Ok(file) => stamped.push((f.path.as_str(), file, &f.manifest)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        node.local
+            .record_files(&stamped)
+            .map_err(|e| MaterializeError::Local(e.to_string()))?;
+        for f in &placed[..stamped.len()] {
+            for c in f.manifest.chunks() {
+                node.staging.remove(&c.id);
+            }
             Metrics::add(&node.metrics.files_materialized, 1);
             node.metrics
                 .events
@@ -723,22 +740,27 @@ fn record_placed<N: PeerNet>(
     target: &std::path::Path,
     manifest: &Manifest,
 ) -> Result<(), MaterializeError> {
+    let file = placed_stamp(entry, target)?;
+    record(node, path, &file, manifest)?;
+    for c in manifest.chunks() {
+        node.staging.remove(&c.id);
+    }
+    Ok(())
+}
+
+/// The local record of `entry` just placed at `target`, with the stamp it has now.
+fn placed_stamp(entry: &Entry, target: &std::path::Path) -> Result<LocalFile, MaterializeError> {
     let meta =
         std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
     let (mtime_ns, inode) = fsutil::stamp(&meta);
-    let file = LocalFile {
+    Ok(LocalFile {
         version: entry.version,
         root: entry.root,
         size: fsutil::size_of(&meta),
         mtime_ns,
         inode,
         kind: entry.kind,
-    };
-    record(node, path, &file, manifest)?;
-    for c in manifest.chunks() {
-        node.staging.remove(&c.id);
-    }
-    Ok(())
+    })
 }
 
 fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
