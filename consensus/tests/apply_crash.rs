@@ -3,11 +3,13 @@
 //! are made from a redo record that open replays), with the namespace root,
 //! inline content and change feed of the last applied entry.
 
+mod common;
+
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command as Process, Stdio};
 use std::time::Duration;
 
+use common::spawn_test_child;
 use openraft::storage::RaftStateMachine;
 use openraft::testing::log_id;
 use openraft::EntryPayload;
@@ -83,7 +85,6 @@ fn apply_crash_child() {
 #[test]
 fn killed_applies_leave_whole_entries() {
     let d = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("test binary");
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -91,13 +92,7 @@ fn killed_applies_leave_whole_entries() {
     let mut rng = rand::thread_rng();
     let mut last = 0;
     for round in 0..ROUNDS {
-        let mut child = Process::new(&exe)
-            .args(["--ignored", "--exact", "apply_crash_child", "--nocapture"])
-            .env(CHILD_ENV, d.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
+        let mut child = spawn_test_child("apply_crash_child", CHILD_ENV, d.path());
         // The test harness prints its own lines first.
         let started = BufReader::new(child.stdout.take().expect("stdout"))
             .lines()

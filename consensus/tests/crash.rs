@@ -7,7 +7,6 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Command as Process, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -68,18 +67,11 @@ fn crash_child() {
 fn killed_appends_leave_a_contiguous_log_with_every_acknowledged_entry() {
     init_tracing();
     let d = tempfile::tempdir().expect("tempdir");
-    let exe = std::env::current_exe().expect("test binary");
     // Per writer path, the newest version acknowledged in any round.
     let mut acked: HashMap<u64, u64> = HashMap::new();
     let mut rng = rand::thread_rng();
     for round in 0..ROUNDS {
-        let mut child = Process::new(&exe)
-            .args(["--ignored", "--exact", "crash_child", "--nocapture"])
-            .env(CHILD_ENV, d.path())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn child");
+        let mut child = spawn_test_child("crash_child", CHILD_ENV, d.path());
         let stdout = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::spawn(move || {

@@ -163,6 +163,16 @@ impl LocalState {
         } else {
             self.index.remove_file(Path::new(path))?;
         }
+        self.put_records(path, file, manifest)
+    }
+
+    /// The manifest and file record of a file just indexed.
+    fn put_records(
+        &self,
+        path: &str,
+        file: &LocalFile,
+        manifest: &Manifest,
+    ) -> Result<(), LocalStateError> {
         self.manifests
             .insert(manifest.root().as_bytes(), encode(manifest))?;
         self.files.insert(path.as_bytes(), encode(file))?;
@@ -185,12 +195,9 @@ impl LocalState {
             .map(|(path, _, m)| (Path::new(*path), *m))
             .collect();
         self.index.record_files(&held)?;
-        for (path, file, manifest) in batch {
-            self.manifests
-                .insert(manifest.root().as_bytes(), encode(*manifest))?;
-            self.files.insert(path.as_bytes(), encode(file))?;
-        }
-        Ok(())
+        batch
+            .iter()
+            .try_for_each(|(path, file, m)| self.put_records(path, file, m))
     }
 
     /// Every file record, in path order.

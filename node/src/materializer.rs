@@ -401,7 +401,6 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
             None => assemble(node, path, entry, local.as_ref()).await?,
         },
     };
-    let synced = from_upload || entry.size > GROUP_FILE_MAX;
     group.push(ToPlace {
         path: path.clone(),
         entry: entry.clone(),
@@ -411,7 +410,6 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         manifest,
         local,
         from_upload,
-        synced,
     });
     Ok(())
 }
@@ -435,8 +433,13 @@ struct ToPlace {
     manifest: Manifest,
     local: Option<LocalFile>,
     from_upload: bool,
-    /// Whether `at` is already fsynced.
-    synced: bool,
+}
+
+impl ToPlace {
+    /// Whether `at` is already fsynced (an upload's file, or a large one).
+    fn synced(&self) -> bool {
+        self.from_upload || self.entry.size > GROUP_FILE_MAX
+    }
 }
 
 /// Files placed together: one `syncfs` makes their contents durable before
@@ -454,7 +457,7 @@ pub(crate) struct PlaceGroup {
 
 impl PlaceGroup {
     fn push(&mut self, f: ToPlace) {
-        if !f.synced {
+        if !f.synced() {
             self.unsynced_bytes += f.entry.size;
         }
         self.files.push(f);
@@ -475,59 +478,70 @@ impl PlaceGroup {
         if files.is_empty() {
             return Ok(());
         }
-        if files.iter().any(|f| !f.synced) {
-            sync_filesystems(vec![fsutil::tmp_dir(&node.folder)]).await?;
-        }
-        let mut placed = Vec::with_capacity(files.len());
-        let mut failed = None;
-        for mut f in files {
-            match place_one(node, &f) {
-                Ok(()) => {
-                    f.tmp.0 = None;
-                    placed.push(f);
-                }
-                Err(e) => {
-                    failed = Some(MaterializeError::At {
-                        path: f.path.to_string(),
-                        version: f.entry.version,
-                        source: Box::new(e),
-                    });
-                    break;
-                }
-            }
-        }
-        let parents: BTreeSet<PathBuf> = placed
-            .iter()
-            .filter_map(|f| f.target.parent().map(PathBuf::from))
-            .collect();
-        sync_filesystems(parents.into_iter().collect()).await?;
-        // Recorded together (one index transaction); a file that cannot be
-        // stat'ed stops the records there, as a placement failure does.
-        let mut stamped = Vec::with_capacity(placed.len());
-        for f in &placed {
-            match placed_stamp(&f.entry, &f.target) {
-                Ok(file) => stamped.push((f.path.as_str(), file, &f.manifest)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        node.local
-            .record_files(&stamped)
-            .map_err(|e| MaterializeError::Local(e.to_string()))?;
-        for f in &placed[..stamped.len()] {
-            for c in f.manifest.chunks() {
-                node.staging.remove(&c.id);
-            }
-            Metrics::add(&node.metrics.files_materialized, 1);
-            node.metrics
-                .events
-                .record(crate::events::EventKind::Materialized, &f.path);
-            debug!(path = %f.path, version = f.entry.version, "materialized");
-        }
-        failed.map_or(Ok(()), Err)
+        // Syncs, renames, stats and index writes: off the runtime.
+        let node = node.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| place_group(&node, files)))
+            .await
+            .map_err(|e| MaterializeError::Local(format!("place task: {e}")))?
     }
+}
+
+/// [`PlaceGroup::flush`], blocking.
+fn place_group<N: PeerNet>(
+    node: &SyncNode<N>,
+    files: Vec<ToPlace>,
+) -> Result<(), MaterializeError> {
+    if files.iter().any(|f| !f.synced()) {
+        sync_filesystems(&[fsutil::tmp_dir(&node.folder)])?;
+    }
+    let mut placed = Vec::with_capacity(files.len());
+    let mut failed = None;
+    for mut f in files {
+        match place_one(node, &f) {
+            Ok(()) => {
+                f.tmp.0 = None;
+                placed.push(f);
+            }
+            Err(e) => {
+                failed = Some(MaterializeError::At {
+                    path: f.path.to_string(),
+                    version: f.entry.version,
+                    source: Box::new(e),
+                });
+                break;
+            }
+        }
+    }
+    let parents: BTreeSet<PathBuf> = placed
+        .iter()
+        .filter_map(|f| f.target.parent().map(PathBuf::from))
+        .collect();
+    sync_filesystems(&parents.into_iter().collect::<Vec<_>>())?;
+    // Recorded together (one index transaction); a file that cannot be
+    // stat'ed stops the records there, as a placement failure does.
+    let mut stamped = Vec::with_capacity(placed.len());
+    for f in &placed {
+        match placed_stamp(&f.entry, &f.target) {
+            Ok(file) => stamped.push((f.path.as_str(), file, &f.manifest)),
+            Err(e) => {
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    node.local
+        .record_files(&stamped)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    for f in &placed[..stamped.len()] {
+        release_staged(node, &f.manifest);
+        Metrics::add(&node.metrics.files_materialized, 1);
+        node.metrics
+            .events
+            .record(crate::events::EventKind::Materialized, &f.path);
+        debug!(path = %f.path, version = f.entry.version, "materialized");
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// Renames one file of a group into place (not yet durable).
@@ -561,29 +575,23 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<(), Material
     Ok(())
 }
 
-/// `syncfs` of the filesystem of each of `dirs` (once per filesystem), off
-/// the runtime.
-async fn sync_filesystems(dirs: Vec<PathBuf>) -> Result<(), MaterializeError> {
-    tokio::task::spawn_blocking(move || -> Result<(), MaterializeError> {
-        use std::os::unix::fs::MetadataExt;
-        let mut done = BTreeSet::new();
-        for dir in dirs {
+/// `syncfs` of the filesystem of each of `dirs`, once per filesystem.
+fn sync_filesystems(dirs: &[PathBuf]) -> Result<(), MaterializeError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut done = BTreeSet::new();
+    for dir in dirs {
+        let dev = std::fs::metadata(dir)
+            .map_err(io_err(format!("stat {}", dir.display())))?
+            .dev();
+        if done.insert(dev) {
             let f =
-                std::fs::File::open(&dir).map_err(io_err(format!("opening {}", dir.display())))?;
-            let dev = f
-                .metadata()
-                .map_err(io_err(format!("stat {}", dir.display())))?
-                .dev();
-            if done.insert(dev) {
-                nix::unistd::syncfs(&f)
-                    .map_err(std::io::Error::from)
-                    .map_err(io_err(format!("syncfs of {}", dir.display())))?;
-            }
+                std::fs::File::open(dir).map_err(io_err(format!("opening {}", dir.display())))?;
+            nix::unistd::syncfs(&f)
+                .map_err(std::io::Error::from)
+                .map_err(io_err(format!("syncfs of {}", dir.display())))?;
         }
-        Ok(())
-    })
-    .await
-    .map_err(|e| MaterializeError::Local(format!("sync task: {e}")))?
+    }
+    Ok(())
 }
 
 /// The file just replaced at `path`, still open as `f`: if it changed after
@@ -742,10 +750,15 @@ fn record_placed<N: PeerNet>(
 ) -> Result<(), MaterializeError> {
     let file = placed_stamp(entry, target)?;
     record(node, path, &file, manifest)?;
+    release_staged(node, manifest);
+    Ok(())
+}
+
+/// Frees the staged copies of a placed file's chunks: the folder holds them.
+fn release_staged<N: PeerNet>(node: &SyncNode<N>, manifest: &Manifest) {
     for c in manifest.chunks() {
         node.staging.remove(&c.id);
     }
-    Ok(())
 }
 
 /// The local record of `entry` just placed at `target`, with the stamp it has now.
@@ -939,9 +952,13 @@ async fn from_inline<N: PeerNet>(
     let tmp =
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
     let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
-    // A few KiB into the page cache, made durable with its group
-    // (`PlaceGroup`): short enough to write on the runtime.
-    std::fs::write(&tmp, &data).map_err(io_err(format!("writing {}", tmp.display())))?;
+    // Made durable with its group (`PlaceGroup`). Off the runtime: creating
+    // a file can wait on the disk.
+    let at = tmp.clone();
+    tokio::task::spawn_blocking(move || std::fs::write(at, data))
+        .await
+        .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
     node.local
         .put_manifest(&manifest)
         .map_err(|e| MaterializeError::Local(e.to_string()))?;

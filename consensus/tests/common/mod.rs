@@ -75,3 +75,16 @@ pub fn max_applied(c: &TestCluster, ids: &[u64]) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+/// Runs the ignored test `name` of this test binary alone in a child
+/// process (to be killed), with `env` set to `dir`; stdout piped.
+pub fn spawn_test_child(name: &str, env: &str, dir: &std::path::Path) -> std::process::Child {
+    let exe = std::env::current_exe().expect("test binary");
+    std::process::Command::new(exe)
+        .args(["--ignored", "--exact", name, "--nocapture"])
+        .env(env, dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn child")
+}
