@@ -17,7 +17,10 @@ pub fn fsync_dir(dir: &Path) -> io::Result<()> {
 /// A fresh temp file path under the folder's temp dir.
 pub fn temp_path(folder: &Path, purpose: &str) -> io::Result<PathBuf> {
     let dir = tmp_dir(folder);
-    std::fs::create_dir_all(&dir)?;
+    // One stat where `create_dir_all` of an existing dir costs two calls.
+    if !dir.is_dir() {
+        std::fs::create_dir_all(&dir)?;
+    }
     let n: u64 = rand::random();
     Ok(dir.join(format!("{purpose}-{n:016x}")))
 }
@@ -33,8 +36,14 @@ pub fn place(tmp: &Path, target: &Path) -> io::Result<()> {
 /// Renames `tmp` over `target`, creating its parents; durable only once
 /// the caller syncs the target's directory (or its filesystem).
 pub fn rename_into(tmp: &Path, target: &Path) -> io::Result<()> {
-    std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
-    std::fs::rename(tmp, target)
+    // Parents are usually there: made only when the rename says they are not.
+    match std::fs::rename(tmp, target) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
+            std::fs::rename(tmp, target)
+        }
+        done => done,
+    }
 }
 
 /// Where a link target with manifest `m` is kept, relative to the folder.

@@ -2,7 +2,7 @@
 //! feed and bring the folder to the committed namespace, fetching only the
 //! chunks this node lacks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::ops::Range;
 use std::path::PathBuf;
@@ -295,7 +295,7 @@ fn prefetch<N: PeerNet>(
 /// Content assembled ahead for one entry; its temp file is removed unless
 /// the entry takes it, and its share of the budget is given back with it.
 pub(crate) struct Assembled {
-    ready: Option<(PathBuf, Manifest)>,
+    ready: Option<Ready>,
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -311,8 +311,8 @@ impl Assembled {
 
 impl Drop for Assembled {
     fn drop(&mut self) {
-        if let Some((tmp, _)) = self.ready.take() {
-            let _ = std::fs::remove_file(tmp);
+        if let Some(r) = self.ready.take() {
+            let _ = std::fs::remove_file(r.at);
         }
     }
 }
@@ -368,7 +368,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
             return Ok(());
         }
     }
-    clear_ancestors(node, path)?;
+    clear_ancestors(node, path, &mut group.dirs)?;
     match entry.kind {
         EntryKind::Directory => return make_directory(node, path, entry, local.as_ref(), &target),
         EntryKind::Symlink => return make_link(node, path, entry, local.as_ref(), &target).await,
@@ -387,19 +387,22 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         .cloned();
     let upload = upload.filter(|p| p.exists());
     let from_upload = upload.is_some();
-    let (tmp, manifest) = match upload {
+    let (tmp, manifest, stamp) = match upload {
         Some(tmp) => {
             let manifest = node
                 .local
                 .manifest(&entry.root)
                 .map_err(|e| MaterializeError::Local(e.to_string()))?
                 .ok_or(MaterializeError::NoManifest { root: entry.root })?;
-            (tmp, manifest)
+            (tmp, manifest, None)
         }
-        None => match assembled.ready.take() {
-            Some(ready) => ready,
-            None => assemble(node, path, entry, local.as_ref()).await?,
-        },
+        None => {
+            let r = match assembled.ready.take() {
+                Some(ready) => ready,
+                None => assemble(node, path, entry, local.as_ref()).await?,
+            };
+            (r.at, r.manifest, Some(r.stamp))
+        }
     };
     group.push(ToPlace {
         path: path.clone(),
@@ -408,6 +411,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         tmp: RemoveOnDrop((!from_upload).then(|| tmp.clone())),
         at: tmp,
         manifest,
+        stamp,
         local,
         from_upload,
     });
@@ -431,6 +435,9 @@ struct ToPlace {
     at: PathBuf,
     tmp: RemoveOnDrop,
     manifest: Manifest,
+    /// Of `at` with its mode and mtime set; `None` for an upload's file,
+    /// which gets them when it is placed.
+    stamp: Option<Stamp>,
     local: Option<LocalFile>,
     from_upload: bool,
 }
@@ -453,6 +460,8 @@ impl ToPlace {
 pub(crate) struct PlaceGroup {
     files: Vec<ToPlace>,
     unsynced_bytes: u64,
+    /// See [`clear_ancestors`]; forgotten at every flush.
+    dirs: HashSet<PathBuf>,
 }
 
 impl PlaceGroup {
@@ -475,6 +484,7 @@ impl PlaceGroup {
     ) -> Result<(), MaterializeError> {
         let files = std::mem::take(&mut self.files);
         self.unsynced_bytes = 0;
+        self.dirs.clear();
         if files.is_empty() {
             return Ok(());
         }
@@ -499,9 +509,9 @@ fn place_group<N: PeerNet>(
     let mut failed = None;
     for mut f in files {
         match place_one(node, &f) {
-            Ok(()) => {
+            Ok(stamp) => {
                 f.tmp.0 = None;
-                placed.push(f);
+                placed.push((f, stamp));
             }
             Err(e) => {
                 failed = Some(MaterializeError::At {
@@ -515,25 +525,20 @@ fn place_group<N: PeerNet>(
     }
     let parents: BTreeSet<PathBuf> = placed
         .iter()
-        .filter_map(|f| f.target.parent().map(PathBuf::from))
+        .filter_map(|(f, _)| f.target.parent().map(PathBuf::from))
         .collect();
     sync_filesystems(&parents.into_iter().collect::<Vec<_>>())?;
-    // Recorded together (one index transaction); a file that cannot be
-    // stat'ed stops the records there, as a placement failure does.
-    let mut stamped = Vec::with_capacity(placed.len());
-    for f in &placed {
-        match placed_stamp(&f.entry, &f.target) {
-            Ok(file) => stamped.push((f.path.as_str(), file, &f.manifest)),
-            Err(e) => {
-                failed = Some(e);
-                break;
-            }
-        }
-    }
+    // Recorded together (one index transaction), with the stamps taken
+    // before the renames (which keep them): a write made after a rename
+    // then shows as an edit, never as our own bytes.
+    let stamped: Vec<_> = placed
+        .iter()
+        .map(|(f, stamp)| (f.path.as_str(), stamp.record(&f.entry), &f.manifest))
+        .collect();
     node.local
         .record_files(&stamped)
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
-    for f in &placed[..stamped.len()] {
+    for (f, _) in &placed {
         release_staged(node, &f.manifest);
         Metrics::add(&node.metrics.files_materialized, 1);
         node.metrics
@@ -544,8 +549,8 @@ fn place_group<N: PeerNet>(
     failed.map_or(Ok(()), Err)
 }
 
-/// Renames one file of a group into place (not yet durable).
-fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<(), MaterializeError> {
+/// Renames one file of a group into place (not yet durable); returns its stamp.
+fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, MaterializeError> {
     let (path, entry, target, tmp) = (&f.path, &f.entry, &f.target, &f.at);
     // Held across the replace: a write that lands between the check below
     // and the rename still reaches this inode, and is rescued from it.
@@ -557,8 +562,16 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<(), Material
         .and_then(|f| f.metadata().ok().filter(|m| m.is_file()).map(|m| (f, m)));
     // The fetch took time: an edit made meanwhile is kept too.
     preserve_local_edit(node, path, target, f.local.as_ref(), Some(entry.root))?;
-    // Mode and mtime travel with the entry.
-    let placed = set_mode_and_mtime(tmp, entry).and_then(|()| fsutil::rename_into(tmp, target));
+    // Mode and mtime travel with the entry (set when the content was made,
+    // but for an upload's file).
+    let placed = match f.stamp {
+        Some(stamp) => Ok(stamp),
+        None => std::fs::File::options()
+            .write(true)
+            .open(tmp)
+            .and_then(|file| finish(&file, entry)),
+    }
+    .and_then(|stamp| fsutil::rename_into(tmp, target).map(|()| stamp));
     if f.from_upload {
         node.uploads
             .lock()
@@ -568,11 +581,11 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<(), Material
             let _ = std::fs::remove_file(tmp);
         }
     }
-    placed.map_err(io_err(format!("placing {}", target.display())))?;
+    let stamp = placed.map_err(io_err(format!("placing {}", target.display())))?;
     if let Some((f, checked)) = old {
         rescue_late_write(node, path, f, &checked)?;
     }
-    Ok(())
+    Ok(stamp)
 }
 
 /// `syncfs` of the filesystem of each of `dirs`, once per filesystem.
@@ -678,7 +691,9 @@ async fn make_link<N: PeerNet>(
     target: &std::path::Path,
 ) -> Result<(), MaterializeError> {
     use std::os::unix::ffi::OsStringExt;
-    let (tmp, manifest) = assemble(node, path, entry, local).await?;
+    let Ready {
+        at: tmp, manifest, ..
+    } = assemble(node, path, entry, local).await?;
     let bytes = std::fs::read(&tmp).map_err(io_err(format!("reading {}", tmp.display())));
     let _ = std::fs::remove_file(&tmp);
     let bytes = bytes?;
@@ -715,9 +730,9 @@ async fn make_link<N: PeerNet>(
     Ok(())
 }
 
-fn set_mode_and_mtime(file: &std::path::Path, entry: &Entry) -> std::io::Result<()> {
+/// Gives the written file `f` the mode and mtime of `entry`; returns its stamp.
+fn finish(f: &std::fs::File, entry: &Entry) -> std::io::Result<Stamp> {
     use std::os::unix::fs::PermissionsExt;
-    let f = std::fs::File::options().write(true).open(file)?;
     if entry.mode & 0o7777 != 0 {
         f.set_permissions(std::fs::Permissions::from_mode(entry.mode & 0o7777))?;
     }
@@ -725,7 +740,45 @@ fn set_mode_and_mtime(file: &std::path::Path, entry: &Entry) -> std::io::Result<
         let t = std::time::UNIX_EPOCH + Duration::from_nanos(entry.mtime_ns as u64);
         f.set_modified(t)?;
     }
-    Ok(())
+    Ok(Stamp::of(&f.metadata()?))
+}
+
+/// What the local record keeps of a file on disk (a rename keeps it).
+#[derive(Debug, Clone, Copy)]
+struct Stamp {
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Stamp {
+        let (mtime_ns, inode) = fsutil::stamp(meta);
+        Stamp {
+            size: fsutil::size_of(meta),
+            mtime_ns,
+            inode,
+        }
+    }
+
+    /// The local record of `entry` with this stamp.
+    fn record(self, entry: &Entry) -> LocalFile {
+        LocalFile {
+            version: entry.version,
+            root: entry.root,
+            size: self.size,
+            mtime_ns: self.mtime_ns,
+            inode: self.inode,
+            kind: entry.kind,
+        }
+    }
+}
+
+/// New content in a temp file, with the entry's mode and mtime.
+pub(crate) struct Ready {
+    at: PathBuf,
+    manifest: Manifest,
+    stamp: Stamp,
 }
 
 fn record<N: PeerNet>(
@@ -765,15 +818,7 @@ fn release_staged<N: PeerNet>(node: &SyncNode<N>, manifest: &Manifest) {
 fn placed_stamp(entry: &Entry, target: &std::path::Path) -> Result<LocalFile, MaterializeError> {
     let meta =
         std::fs::symlink_metadata(target).map_err(io_err(format!("stat {}", target.display())))?;
-    let (mtime_ns, inode) = fsutil::stamp(&meta);
-    Ok(LocalFile {
-        version: entry.version,
-        root: entry.root,
-        size: fsutil::size_of(&meta),
-        mtime_ns,
-        inode,
-        kind: entry.kind,
-    })
+    Ok(Stamp::of(&meta).record(entry))
 }
 
 fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
@@ -789,15 +834,25 @@ fn on_disk_matches(target: &std::path::Path, l: &LocalFile) -> bool {
 /// symlink or a file in the way (local, never committed under that name)
 /// is moved aside under a conflict name, so nothing is written through a
 /// link to outside the folder and nothing local is lost.
-fn clear_ancestors<N: PeerNet>(node: &SyncNode<N>, path: &NsPath) -> Result<(), MaterializeError> {
+/// `seen` holds directories already found real by this step's group:
+/// siblings placed together do not stat their common parents again.
+fn clear_ancestors<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &NsPath,
+    seen: &mut HashSet<PathBuf>,
+) -> Result<(), MaterializeError> {
     let mut at = node.folder.clone();
     let segments: Vec<&str> = path.as_str().split('/').collect();
     for (i, seg) in segments[..segments.len() - 1].iter().enumerate() {
         at.push(seg);
+        if seen.contains(&at) {
+            continue;
+        }
         let Ok(meta) = std::fs::symlink_metadata(&at) else {
             return Ok(());
         };
         if meta.is_dir() {
+            seen.insert(at.clone());
             continue;
         }
         let rel = segments[..=i].join("/");
@@ -854,7 +909,7 @@ async fn assemble<N: PeerNet>(
     path: &NsPath,
     entry: &Entry,
     local: Option<&LocalFile>,
-) -> Result<(PathBuf, Manifest), MaterializeError> {
+) -> Result<Ready, MaterializeError> {
     if let Some(ready) = from_inline(node, path, entry).await? {
         return Ok(ready);
     }
@@ -883,15 +938,21 @@ async fn assemble<N: PeerNet>(
         }
         // A small file is made durable with its group (`PlaceGroup`). Off
         // the runtime: assemblies running ahead overlap their fsyncs.
-        if entry.size > GROUP_FILE_MAX {
-            let file = out
-                .try_clone()
-                .map_err(io_err(format!("fsync {}", tmp.display())))?;
-            tokio::task::spawn_blocking(move || file.sync_all())
-                .await
-                .map_err(|e| MaterializeError::Local(format!("fsync task: {e}")))?
-                .map_err(io_err(format!("fsync {}", tmp.display())))?;
-        }
+        let file = out
+            .try_clone()
+            .map_err(io_err(format!("finishing {}", tmp.display())))?;
+        let sync = entry.size > GROUP_FILE_MAX;
+        let e = entry.clone();
+        let stamp = tokio::task::spawn_blocking(move || {
+            let stamp = finish(&file, &e)?;
+            if sync {
+                file.sync_all()?;
+            }
+            Ok(stamp)
+        })
+        .await
+        .map_err(|e| MaterializeError::Local(format!("finish task: {e}")))?
+        .map_err(io_err(format!("finishing {}", tmp.display())))?;
         let mut blob = Vec::with_capacity(ids.len() * 32);
         for id in &ids {
             blob.extend_from_slice(id.as_bytes());
@@ -910,15 +971,19 @@ async fn assemble<N: PeerNet>(
                 expected: entry.root,
             });
         }
-        Ok(manifest)
+        Ok((manifest, stamp))
     }
     .await;
-    let m = result?;
+    let (manifest, stamp) = result?;
     node.local
-        .put_manifest(&m)
+        .put_manifest(&manifest)
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
     unfinished.0 = None;
-    Ok((tmp, m))
+    Ok(Ready {
+        at: tmp,
+        manifest,
+        stamp,
+    })
 }
 
 /// The content of a small file that came in its log entry
@@ -928,7 +993,7 @@ async fn from_inline<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     path: &NsPath,
     entry: &Entry,
-) -> Result<Option<(PathBuf, Manifest)>, MaterializeError> {
+) -> Result<Option<Ready>, MaterializeError> {
     if entry.size > synod_consensus::MAX_INLINE as u64 {
         return Ok(None);
     }
@@ -953,17 +1018,24 @@ async fn from_inline<N: PeerNet>(
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
     let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
     // Made durable with its group (`PlaceGroup`). Off the runtime: creating
-    // a file can wait on the disk.
+    // a file can wait on the disk. (Its manifest is recorded with it when
+    // it is placed.)
     let at = tmp.clone();
-    tokio::task::spawn_blocking(move || std::fs::write(at, data))
-        .await
-        .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
-        .map_err(io_err(format!("writing {}", tmp.display())))?;
-    node.local
-        .put_manifest(&manifest)
-        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    let e = entry.clone();
+    let stamp = tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::create(at)?;
+        f.write_all(&data)?;
+        finish(&f, &e)
+    })
+    .await
+    .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
+    .map_err(io_err(format!("writing {}", tmp.display())))?;
     unfinished.0 = None;
-    Ok(Some((tmp, manifest)))
+    Ok(Some(Ready {
+        at: tmp,
+        manifest,
+        stamp,
+    }))
 }
 
 /// A temp file that is removed when this is dropped, unless taken.
