@@ -660,9 +660,10 @@ impl Daemon {
 
         let (shutdown, _) = broadcast::channel(4);
         let mut tasks = vec![transport_task];
-        tasks.push(tokio::spawn(
+        tasks.push(run_in_background(
+            "materializer",
             materializer::run(node.clone(), shutdown.subscribe()).in_current_span(),
-        ));
+        )?);
         tasks.push(tokio::spawn(
             crate::scanner::run(node.clone(), cfg.timeouts.rescan, shutdown.subscribe())
                 .in_current_span(),
@@ -809,5 +810,69 @@ impl Daemon {
         }
         info!("stopping");
         self.shutdown().await
+    }
+}
+
+/// Runs `task` on its own threads at a lower CPU priority than the rest of
+/// the node: on a busy machine commits and the network go first, and the
+/// background work catches up when they leave it CPU time.
+fn run_in_background(
+    name: &'static str,
+    task: impl std::future::Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name(name)
+        .on_thread_start(lower_priority)
+        .enable_all()
+        .build()
+        .with_context(|| format!("starting the {name} runtime"))?;
+    let handle = rt.spawn(task);
+    Ok(tokio::spawn(async move {
+        let _ = handle.await;
+        // Lets its blocking work (a write being placed) finish.
+        let _ = tokio::task::spawn_blocking(move || rt.shutdown_timeout(SHUTDOWN_WAIT)).await;
+    }))
+}
+
+/// Longest a stopping background runtime waits for its blocking work.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
+/// Nice value of background threads (see [`run_in_background`]).
+const BACKGROUND_NICE: i32 = 19;
+
+fn lower_priority() {
+    // Linux keeps a nice value per thread: this one and those it starts.
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), BACKGROUND_NICE) {
+        warn!(cause = %e, "could not lower a background thread's priority");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn own_nice() -> i32 {
+        rustix::process::getpriority_process(Some(rustix::thread::gettid())).unwrap()
+    }
+
+    #[tokio::test]
+    async fn background_work_runs_at_a_lower_priority_and_the_rest_does_not() {
+        let ours = own_nice();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (blocking_tx, blocking_rx) = tokio::sync::oneshot::channel();
+        run_in_background("test-background", async move {
+            let _ = tx.send(own_nice());
+            let n = tokio::task::spawn_blocking(own_nice).await.unwrap();
+            let _ = blocking_tx.send(n);
+        })
+        .unwrap()
+        .await
+        .unwrap();
+        let expected = BACKGROUND_NICE.max(ours);
+        assert_eq!(rx.await.unwrap(), expected, "the background task's thread");
+        assert_eq!(blocking_rx.await.unwrap(), expected, "its blocking thread");
+        assert_eq!(own_nice(), ours, "the caller's thread keeps its priority");
     }
 }
