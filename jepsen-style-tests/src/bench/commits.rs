@@ -87,6 +87,9 @@ where
     })
 }
 
+/// Longest wait, after a load, for every folder to hold what it committed.
+const CATCH_UP_LIMIT: Duration = Duration::from_secs(300);
+
 /// The client counts of case 4.
 pub const CLIENTS: [usize; 2] = [1, 64];
 
@@ -116,6 +119,9 @@ pub fn run_once(
         bail!("the synod cluster has no leader");
     };
     let mut results = Vec::new();
+    // Files are written into the folders behind the commits, at a lower
+    // priority: how long every folder takes to hold them all is reported.
+    let mut catch_up = Vec::new();
     for clients in CLIENTS {
         let load = run_load(clients, warmup, window, |c| {
             let a = agent();
@@ -128,6 +134,9 @@ pub fn run_once(
             }
         });
         results.push(("synod", clients, load));
+        let t = Instant::now();
+        let waited = synod::wait_materialized(&mut cluster, &[1, 2, 3], t + CATCH_UP_LIMIT);
+        catch_up.push((clients, waited.map(|()| t.elapsed())));
     }
     cluster.stop();
 
@@ -151,6 +160,17 @@ pub fn run_once(
     }
     etcd.stop();
 
+    for (clients, waited) in catch_up {
+        let s = if clients == 1 { "" } else { "s" };
+        Measurement::record(
+            out,
+            super::CASE_COMMITS,
+            synod::NAME,
+            &format!("all folders written, after {clients} client{s}"),
+            super::Unit::Seconds,
+            waited?.as_secs_f64(),
+        );
+    }
     for (tool, clients, load) in results {
         let load = load?;
         let case = super::CASE_COMMITS;

@@ -71,7 +71,6 @@ pub fn wait_replicated(
     limit: Duration,
 ) -> Result<()> {
     let deadline = Instant::now() + limit;
-    let node1 = api(cluster, 1)?;
     loop {
         check_running(cluster)?;
         let now = committed(cluster)?;
@@ -95,10 +94,16 @@ pub fn wait_replicated(
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let target = node1.status()?["applied"]
+    wait_materialized(cluster, receivers, deadline)
+}
+
+/// Waits until every node of `nodes` has materialized everything node 1
+/// has applied now; fails at `deadline`.
+pub fn wait_materialized(cluster: &mut Cluster, nodes: &[u64], deadline: Instant) -> Result<()> {
+    let target = api(cluster, 1)?.status()?["applied"]
         .as_u64()
         .context("no applied index in /v1/status")?;
-    for &id in receivers {
+    for &id in nodes {
         let a = api(cluster, id)?;
         loop {
             let w = a.status()?["watermark"].as_u64().unwrap_or(0);
@@ -107,7 +112,7 @@ pub fn wait_replicated(
             }
             check_running(cluster)?;
             if Instant::now() >= deadline {
-                bail!("node {id} did not materialize up to {target} within {limit:?} (at {w})");
+                bail!("node {id} did not materialize up to {target} in time (at {w})");
             }
             std::thread::sleep(Duration::from_millis(10));
         }
