@@ -3,7 +3,6 @@
 //! commit.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -1250,8 +1249,7 @@ fn push_batches(
 /// Chunk `c` of the file `f` at `path`, checked against its id: a file
 /// changed since it was chunked must not get this node reported by peers.
 fn read_chunk_at(f: &std::fs::File, path: &Path, c: &ChunkRef) -> Result<Vec<u8>, NodeError> {
-    let mut buf = vec![0u8; c.len as usize];
-    f.read_exact_at(&mut buf, c.offset)
+    let buf = crate::fsutil::read_exact_at(f, c.offset, c.len as usize)
         .map_err(|e| NodeError::Internal(format!("reading {}: {e}", path.display())))?;
     if Hash::of(&buf) != c.id {
         return Err(NodeError::Internal(format!(

@@ -305,11 +305,8 @@ impl Staging {
         let Some(slot) = self.lock().chunks.get(id).copied() else {
             return Ok(None);
         };
-        let read = std::fs::File::open(self.pack_path(slot.pack)).and_then(|f| {
-            let mut buf = vec![0u8; slot.len as usize];
-            f.read_exact_at(&mut buf, slot.offset)?;
-            Ok(buf)
-        });
+        let read = std::fs::File::open(self.pack_path(slot.pack))
+            .and_then(|f| crate::fsutil::read_exact_at(&f, slot.offset, slot.len as usize));
         let bytes = match read {
             Ok(b) => b,
             Err(e)
