@@ -288,7 +288,7 @@ pub fn run(opts: &BenchOptions) -> Result<BenchOutput> {
         let bytes = WARM_UP_DATASETS * data.bytes();
         let took = warm_up_memory(&dir.join("warm-up"), bytes)?;
         notes.push(format!(
-            "warm-up: before the first case, {} written, fsynced and deleted in {:.1} s, so that no tool pays for memory the machine touches for the first time (on a virtual machine whose memory the host backs on first touch, the first 3 GiB written took 10.8 s and the same again 3.0 s)",
+            "warm-up: before the first case, {} written, fsynced and deleted in {:.1} s, so that the first tool does not pay alone for memory the machine touches for the first time (on this virtual machine the first 3 GiB written took 10.8 s and the same again 3.0 s; freed memory turns cold again within seconds, 2 GiB rewritten at once 0.66 s, after 20 s idle 2.13 s, so every tool still meets some)",
             report::human_bytes(bytes as f64),
             took.as_secs_f64()
         ));
