@@ -434,9 +434,15 @@ impl<N: PeerNet> SyncNode<N> {
             .buffered(PUSHES_IN_FLIGHT)
             .try_collect::<Vec<()>>();
         // The chunks alone are not the files: their order must survive this
-        // node too. The manifests travel alongside, not after, the chunks:
-        // the commit waits for both anyway.
-        futures::try_join!(send_chunks, self.send_manifests(peer, files))?;
+        // node too. The manifests travel alongside the chunks (the commit
+        // waits for both anyway), or first for a large file, which the
+        // peer then stages as itself.
+        if announce_first(files) {
+            self.send_manifests(peer, files).await?;
+            send_chunks.await?;
+        } else {
+            futures::try_join!(send_chunks, self.send_manifests(peer, files))?;
+        }
         debug!(peer, files = files.len(), pushed, "content replicated");
         Ok(())
     }
@@ -542,7 +548,12 @@ impl<N: PeerNet> SyncNode<N> {
             .try_collect::<Vec<()>>();
         let send_manifests =
             futures::future::try_join_all(peers.iter().map(|&p| self.send_manifests(p, files)));
-        futures::try_join!(send_chunks, send_manifests)?;
+        if announce_first(files) {
+            send_manifests.await?;
+            send_chunks.await?;
+        } else {
+            futures::try_join!(send_chunks, send_manifests)?;
+        }
         debug!(
             ?peers,
             files = files.len(),
@@ -1204,6 +1215,7 @@ impl<N: PeerNet> SyncNode<N> {
             self.local
                 .put_manifest(manifest)
                 .map_err(|e| format!("storing manifest {}: {e}", manifest.root()))?;
+            self.staging.expect_file(manifest);
         }
         self.local
             .flush()
@@ -1214,6 +1226,15 @@ impl<N: PeerNet> SyncNode<N> {
     pub(crate) fn log_started(&self) {
         info!(node = self.id, folder = %self.folder.display(), "sync engine started");
     }
+}
+
+/// Whether the manifests of `files` go before their chunks: a receiver
+/// stages a large file's chunks in place when it knows the file's layout
+/// (see `Staging::expect_file`).
+fn announce_first(files: &[(&Manifest, &Path, Option<&Manifest>)]) -> bool {
+    files
+        .iter()
+        .any(|(m, _, _)| m.size() >= crate::staging::STAGE_AS_FILE_MIN)
 }
 
 /// The chunks of `files` in `missing`, each once (read from the first file

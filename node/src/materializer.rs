@@ -913,6 +913,9 @@ async fn assemble<N: PeerNet>(
     if let Some(ready) = from_inline(node, path, entry).await? {
         return Ok(ready);
     }
+    if let Some(ready) = from_staged_file(node, path, entry).await? {
+        return Ok(ready);
+    }
     let ids = manifest_ids(node, entry, local).await?;
     let bases = delta_bases(node, &ids, local);
     let tmp =
@@ -1030,6 +1033,57 @@ async fn from_inline<N: PeerNet>(
     .await
     .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
     .map_err(io_err(format!("writing {}", tmp.display())))?;
+    unfinished.0 = None;
+    Ok(Some(Ready {
+        at: tmp,
+        manifest,
+        stamp,
+    }))
+}
+
+/// A large file staged as itself (`Staging::take_file`): moved to a temp
+/// file, given its mode and mtime and synced; its bytes are not copied.
+async fn from_staged_file<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+    entry: &Entry,
+) -> Result<Option<Ready>, MaterializeError> {
+    if entry.size < crate::staging::STAGE_AS_FILE_MIN {
+        return Ok(None);
+    }
+    let Some(manifest) = node
+        .local
+        .manifest(&entry.root)
+        .map_err(|e| MaterializeError::Local(e.to_string()))?
+    else {
+        return Ok(None);
+    };
+    let tmp =
+        fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
+    let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
+    let (staging, at, e) = (node.staging.clone(), tmp.clone(), entry.clone());
+    let stamp =
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Manifest, Stamp)>> {
+            if !staging.take_file(&manifest, &at)? {
+                return Ok(None);
+            }
+            let f = std::fs::OpenOptions::new().write(true).open(&at)?;
+            let stamp = finish(&f, &e)?;
+            f.sync_all()?;
+            Ok(Some((manifest, stamp)))
+        })
+        .await
+        .map_err(|e| MaterializeError::Local(format!("staged file task: {e}")))?
+        .map_err(io_err(format!(
+            "taking the staged file to {}",
+            tmp.display()
+        )))?;
+    let Some((manifest, stamp)) = stamp else {
+        return Ok(None);
+    };
+    Metrics::add(&node.metrics.chunks_local, manifest.chunk_count() as u64);
+    Metrics::add(&node.metrics.files_placed_as_staged, 1);
+    debug!(%path, size = entry.size, "placed from its staged file");
     unfinished.0 = None;
     Ok(Some(Ready {
         at: tmp,

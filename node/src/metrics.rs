@@ -87,6 +87,9 @@ counters! {
     chunks_local,
     /// Files written into the folder by the materializer.
     files_materialized,
+    /// Of those, large files placed by moving the file their chunks were
+    /// staged in (their bytes written once on this node).
+    files_placed_as_staged,
     /// Failed attempts to bring the folder to the namespace (retried).
     materialize_errors,
     /// Files removed from the folder for deletes and renames.

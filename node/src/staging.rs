@@ -4,6 +4,14 @@
 //! acknowledged: one file and one fsync per push, not one per chunk. An
 //! in-memory index, rebuilt from the pack headers at start, says where each
 //! chunk is; a pack is deleted once none of its chunks is needed.
+//!
+//! A large file announced by its manifest ([`Staging::expect_file`]) is
+//! staged differently: its chunks are written at their offsets into one
+//! file of the file's size, and a list beside it records each chunk once
+//! its bytes are synced (list and bytes are synced before the push is
+//! acknowledged). When every chunk is there, placing the file is a rename
+//! of that file ([`Staging::take_file`]): its bytes are written once on
+//! this node instead of staged, then copied.
 
 use std::collections::HashMap;
 use std::io::{self, Write};
@@ -13,10 +21,25 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use synod_chunker::Manifest;
 use synod_merkle::Hash;
 
 const MAGIC: &[u8; 8] = b"SYNODPK1";
 const PACK_EXT: &str = "pack";
+/// A staged file's bytes at their offsets, and its chunk list.
+const FILE_EXT: &str = "file";
+const LIST_EXT: &str = "list";
+const LIST_MAGIC: &[u8; 8] = b"SYNODLF1";
+/// Magic, the file's manifest root, its size.
+const LIST_HEAD: usize = 8 + 32 + 8;
+/// Per chunk in a list: id, offset, length.
+const RECORD: usize = 32 + 8 + 4;
+
+/// A chunk of an announced file: id, offset in the file, bytes.
+type InFile<'a> = (&'a Hash, u64, &'a [u8]);
+
+/// Files from this size on are staged as themselves when announced.
+pub const STAGE_AS_FILE_MIN: u64 = 16 << 20;
 /// Bytes of the header before the chunk list, and per listed chunk.
 const HEAD: usize = MAGIC.len() + 4;
 const SLOT: usize = 32 + 4;
@@ -36,6 +59,19 @@ pub struct Staging {
 struct Index {
     chunks: HashMap<Hash, Slot>,
     packs: HashMap<u64, Pack>,
+    /// Chunks of announced files: id → (file's root, offset).
+    expected: HashMap<Hash, (Hash, u64)>,
+    /// Announced files by root.
+    files: HashMap<Hash, Announced>,
+}
+
+#[derive(Debug)]
+struct Announced {
+    size: u64,
+    ids: Vec<Hash>,
+    /// The staged file, once its first chunk arrived.
+    pack: Option<u64>,
+    at: SystemTime,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -51,6 +87,8 @@ struct Pack {
     live: Vec<Hash>,
     size: u64,
     created: SystemTime,
+    /// For a staged file (not a pack): the root of its manifest.
+    file_of: Option<Hash>,
 }
 
 impl Index {
@@ -65,19 +103,63 @@ impl Index {
         pack.live.retain(|c| c != id);
         if pack.live.is_empty() {
             let size = pack.size;
-            self.packs.remove(&slot.pack);
+            self.forget_pack(slot.pack);
             return Some((slot.pack, size));
         }
         None
     }
 
-    /// Forgets a whole pack; returns its size.
+    /// Indexes the chunks (id, offset, length) of `pack` not held already;
+    /// returns how many.
+    fn add_pack(
+        &mut self,
+        pack: u64,
+        slots: impl IntoIterator<Item = (Hash, u64, u32)>,
+        size: u64,
+        created: SystemTime,
+        file_of: Option<Hash>,
+    ) -> usize {
+        let mut live = Vec::new();
+        for (id, offset, len) in slots {
+            if let std::collections::hash_map::Entry::Vacant(e) = self.chunks.entry(id) {
+                e.insert(Slot { pack, offset, len });
+                live.push(id);
+            }
+        }
+        let n = live.len();
+        self.packs.insert(
+            pack,
+            Pack {
+                live,
+                size,
+                created,
+                file_of,
+            },
+        );
+        n
+    }
+
+    /// Forgets a whole pack (and the announcement of a staged file);
+    /// returns its size.
     fn forget_pack(&mut self, pack: u64) -> Option<u64> {
         let p = self.packs.remove(&pack)?;
         for id in &p.live {
             self.chunks.remove(id);
         }
+        if let Some(root) = p.file_of {
+            self.forget_announced(&root);
+        }
         Some(p.size)
+    }
+
+    fn forget_announced(&mut self, root: &Hash) {
+        if let Some(a) = self.files.remove(root) {
+            for id in &a.ids {
+                if self.expected.get(id).is_some_and(|(r, _)| r == root) {
+                    self.expected.remove(id);
+                }
+            }
+        }
     }
 }
 
@@ -103,6 +185,14 @@ impl Staging {
                 legacy.push((id, path));
                 continue;
             }
+            if path.extension().is_some_and(|e| e == FILE_EXT) {
+                // Indexed with its list, below.
+                continue;
+            }
+            if let Some(pack) = number_of(&path, LIST_EXT) {
+                used += staging.reopen_file(pack, &path, meta.len())?;
+                continue;
+            }
             let Some(pack) = pack_number(&path) else {
                 // Temp files of pushes cut off half way: counted until swept.
                 used += meta.len();
@@ -121,6 +211,13 @@ impl Staging {
                     tracing::warn!(pack = %path.display(), cause = %e, "staged pack is unreadable; removed");
                     std::fs::remove_file(&path)?;
                 }
+            }
+        }
+        // Bytes of a staged file whose list is gone were never acknowledged.
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if number_of(&path, FILE_EXT).is_some_and(|n| !staging.lock().packs.contains_key(&n)) {
+                std::fs::remove_file(&path)?;
             }
         }
         staging.used.store(used, Ordering::Relaxed);
@@ -162,39 +259,72 @@ impl Staging {
     /// Indexes the chunks of pack `pack`; false if it holds none not held
     /// already (then it is not needed).
     fn register(&self, pack: u64, list: &[(Hash, u32)], size: u64, created: SystemTime) -> bool {
-        let mut index = self.lock();
         let mut offset = (HEAD + SLOT * list.len()) as u64;
-        let mut live = Vec::new();
-        for (id, len) in list {
-            if !index.chunks.contains_key(id) {
-                index.chunks.insert(
-                    *id,
-                    Slot {
-                        pack,
-                        offset,
-                        len: *len,
-                    },
-                );
-                live.push(*id);
-            }
+        let slots = list.iter().map(|(id, len)| {
+            let at = offset;
             offset += u64::from(*len);
-        }
-        if live.is_empty() {
+            (*id, at, *len)
+        });
+        let mut index = self.lock();
+        if index.add_pack(pack, slots, size, created, None) == 0 {
+            index.packs.remove(&pack);
             return false;
         }
-        index.packs.insert(
-            pack,
-            Pack {
-                live,
-                size,
-                created,
-            },
-        );
         true
+    }
+
+    /// Indexes a staged file found at start from its list; returns the
+    /// bytes it counts for. A list that does not parse, or whose file is
+    /// missing or of another size, goes with its file.
+    fn reopen_file(&self, pack: u64, list_path: &Path, list_len: u64) -> io::Result<u64> {
+        let data_path = self.data_path(pack, true);
+        let parsed = read_list(list_path, list_len).and_then(|(root, size, records)| {
+            let len = std::fs::metadata(&data_path)?.len();
+            if len != size {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("staged file is {len} bytes, its list says {size}"),
+                ));
+            }
+            Ok((root, records))
+        });
+        let (root, records) = match parsed {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(list = %list_path.display(), cause = %e, "staged file is unreadable; removed");
+                let _ = std::fs::remove_file(&data_path);
+                std::fs::remove_file(list_path)?;
+                return Ok(0);
+            }
+        };
+        let created = std::fs::metadata(list_path)
+            .and_then(|m| m.modified())
+            .unwrap_or_else(|_| SystemTime::now());
+        let size = list_len + records.iter().map(|(_, _, l)| u64::from(*l)).sum::<u64>();
+        self.lock()
+            .add_pack(pack, records, size, created, Some(root));
+        Ok(size)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Index> {
         self.index.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts `len` more bytes, or refuses them beyond the budget.
+    fn reserve(&self, len: u64) -> io::Result<()> {
+        let before = self.used.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.limit {
+            self.used.fetch_sub(len, Ordering::Relaxed);
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                format!(
+                    "staging area {} is full ({before} of {} bytes; limits.max_staging_bytes)",
+                    self.dir.display(),
+                    self.limit
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Bytes held now.
@@ -206,10 +336,28 @@ impl Staging {
         self.dir.join(format!("{pack:016x}.{PACK_EXT}"))
     }
 
-    /// Deletes pack `pack` of `size` bytes (no longer indexed).
+    /// Where the bytes of `pack` are: a pack file, or a staged file.
+    fn data_path(&self, pack: u64, staged_file: bool) -> PathBuf {
+        if staged_file {
+            self.dir.join(format!("{pack:016x}.{FILE_EXT}"))
+        } else {
+            self.pack_path(pack)
+        }
+    }
+
+    fn list_path(&self, pack: u64) -> PathBuf {
+        self.dir.join(format!("{pack:016x}.{LIST_EXT}"))
+    }
+
+    /// Deletes pack `pack` of `size` bytes (no longer indexed), or a staged
+    /// file and its list.
     fn delete_pack(&self, pack: u64, size: u64) {
-        let removed = std::fs::remove_file(self.pack_path(pack));
-        if removed.is_ok() || removed.is_err_and(|e| e.kind() == io::ErrorKind::NotFound) {
+        let gone =
+            |r: io::Result<()>| r.is_ok() || r.is_err_and(|e| e.kind() == io::ErrorKind::NotFound);
+        let removed = gone(std::fs::remove_file(self.pack_path(pack)))
+            && gone(std::fs::remove_file(self.data_path(pack, true)))
+            && gone(std::fs::remove_file(self.list_path(pack)));
+        if removed {
             self.used
                 .fetch_sub(size.min(self.used()), Ordering::Relaxed);
         }
@@ -229,13 +377,29 @@ impl Staging {
     /// hashes; [`Staging::sync_dir`] then makes the rename durable.
     pub fn put_many<B: AsRef<[u8]>>(&self, chunks: &[(Hash, B)]) -> io::Result<()> {
         let mut fresh: Vec<(&Hash, &[u8])> = Vec::new();
+        // Chunks of announced files, by file: (id, offset, bytes).
+        let mut in_files: HashMap<Hash, Vec<InFile<'_>>> = HashMap::new();
         {
             let index = self.lock();
             let mut seen = std::collections::HashSet::new();
             for (id, bytes) in chunks {
-                if !index.chunks.contains_key(id) && seen.insert(*id) {
-                    fresh.push((id, bytes.as_ref()));
+                if index.chunks.contains_key(id) || !seen.insert(*id) {
+                    continue;
                 }
+                match index.expected.get(id) {
+                    Some((root, offset)) => {
+                        in_files
+                            .entry(*root)
+                            .or_default()
+                            .push((id, *offset, bytes.as_ref()))
+                    }
+                    None => fresh.push((id, bytes.as_ref())),
+                }
+            }
+        }
+        for (root, list) in in_files {
+            if !self.put_in_file(&root, &list)? {
+                fresh.extend(list.iter().map(|(id, _, b)| (*id, *b)));
             }
         }
         if fresh.is_empty() {
@@ -243,18 +407,7 @@ impl Staging {
         }
         let data: u64 = fresh.iter().map(|(_, b)| b.len() as u64).sum();
         let len = (HEAD + SLOT * fresh.len()) as u64 + data;
-        let before = self.used.fetch_add(len, Ordering::Relaxed);
-        if before + len > self.limit {
-            self.used.fetch_sub(len, Ordering::Relaxed);
-            return Err(io::Error::new(
-                io::ErrorKind::StorageFull,
-                format!(
-                    "staging area {} is full ({before} of {} bytes; limits.max_staging_bytes)",
-                    self.dir.display(),
-                    self.limit
-                ),
-            ));
-        }
+        self.reserve(len)?;
         let pack: u64 = rand::random();
         let tmp = self.dir.join(format!(".{pack:016x}.tmp"));
         let written = (|| {
@@ -294,6 +447,199 @@ impl Staging {
         Ok(())
     }
 
+    /// Announces a file whose chunks are about to be pushed here: from
+    /// [`STAGE_AS_FILE_MIN`] bytes on, those chunks are then staged at
+    /// their offsets in one file that placing the file renames.
+    pub fn expect_file(&self, m: &Manifest) {
+        if m.size() < STAGE_AS_FILE_MIN {
+            return;
+        }
+        let root = m.root();
+        let mut index = self.lock();
+        if index.files.contains_key(&root) {
+            return;
+        }
+        let mut ids = Vec::with_capacity(m.chunk_count());
+        for c in m.chunks() {
+            // A chunk held already, or twice in the file, is not expected:
+            // the file is then assembled from chunks as usual.
+            if !index.chunks.contains_key(&c.id) && !index.expected.contains_key(&c.id) {
+                index.expected.insert(c.id, (root, c.offset));
+                ids.push(c.id);
+            }
+        }
+        index.files.insert(
+            root,
+            Announced {
+                size: m.size(),
+                ids,
+                pack: None,
+                at: crate::lab_hooks::now(),
+            },
+        );
+    }
+
+    /// Writes chunks of the announced file `root` at their offsets in its
+    /// staged file, syncs it, then adds them to its list and syncs that.
+    /// False if the announcement is gone meanwhile (nothing is stored).
+    fn put_in_file(&self, root: &Hash, list: &[InFile<'_>]) -> io::Result<bool> {
+        let data: u64 = list.iter().map(|(_, _, b)| b.len() as u64).sum();
+        let len = data + (RECORD * list.len()) as u64;
+        let (pack, size) = {
+            let mut index = self.lock();
+            let Some(a) = index.files.get_mut(root) else {
+                return Ok(false);
+            };
+            let size = a.size;
+            let pack = match a.pack {
+                Some(p) => p,
+                None => {
+                    // Made under the lock: a concurrent push of the same
+                    // file must find both in place.
+                    let p: u64 = rand::random();
+                    let f = std::fs::File::create(self.data_path(p, true))?;
+                    f.set_len(size)?;
+                    let mut head = Vec::with_capacity(LIST_HEAD);
+                    head.extend_from_slice(LIST_MAGIC);
+                    head.extend_from_slice(root.as_bytes());
+                    head.extend_from_slice(&size.to_le_bytes());
+                    std::fs::write(self.list_path(p), &head)?;
+                    a.pack = Some(p);
+                    index.packs.insert(
+                        p,
+                        Pack {
+                            live: Vec::new(),
+                            size: LIST_HEAD as u64,
+                            created: SystemTime::now(),
+                            file_of: Some(*root),
+                        },
+                    );
+                    self.used.fetch_add(LIST_HEAD as u64, Ordering::Relaxed);
+                    p
+                }
+            };
+            (pack, size)
+        };
+        self.reserve(len)?;
+        let written = (|| {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(self.data_path(pack, true))?;
+            let mut records = Vec::with_capacity(RECORD * list.len());
+            for (id, offset, bytes) in list {
+                if offset + bytes.len() as u64 > size {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!(
+                            "chunk {} runs past the end of the staged file",
+                            id.fmt_short()
+                        ),
+                    ));
+                }
+                f.write_all_at(bytes, *offset)?;
+                records.extend_from_slice(id.as_bytes());
+                records.extend_from_slice(&offset.to_le_bytes());
+                records.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+            }
+            f.sync_data()?;
+            // One append: a crash leaves whole records and at most a torn
+            // last one, which `read_list` drops.
+            let mut l = std::fs::OpenOptions::new()
+                .append(true)
+                .open(self.list_path(pack))?;
+            l.write_all(&records)?;
+            l.sync_data()
+        })();
+        if let Err(e) = written {
+            self.used.fetch_sub(len, Ordering::Relaxed);
+            return Err(e);
+        }
+        let mut index = self.lock();
+        let mut live = Vec::new();
+        for (id, offset, bytes) in list {
+            if !index.chunks.contains_key(*id) {
+                let slot = Slot {
+                    pack,
+                    offset: *offset,
+                    len: bytes.len() as u32,
+                };
+                index.chunks.insert(**id, slot);
+                live.push(**id);
+            }
+        }
+        match index.packs.get_mut(&pack) {
+            Some(p) => {
+                p.live.extend(live);
+                p.size += len;
+            }
+            // Swept meanwhile: its files are gone, so are these chunks.
+            None => {
+                for id in live {
+                    index.chunks.remove(&id);
+                }
+                drop(index);
+                self.used.fetch_sub(len.min(self.used()), Ordering::Relaxed);
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Moves the staged file of manifest `m` to `dest` if it holds every
+    /// chunk of `m` at its offset, each read back and checked against its
+    /// id; true if it did. Otherwise nothing moves (a bad chunk is
+    /// forgotten) and the caller assembles the file from chunks.
+    pub fn take_file(&self, m: &Manifest, dest: &Path) -> io::Result<bool> {
+        let root = m.root();
+        let pack = {
+            let index = self.lock();
+            let Some(pack) = index
+                .packs
+                .iter()
+                .find(|(_, p)| p.file_of == Some(root))
+                .map(|(n, _)| *n)
+            else {
+                return Ok(false);
+            };
+            let complete = m.chunks().iter().all(|c| {
+                index
+                    .chunks
+                    .get(&c.id)
+                    .is_some_and(|s| s.pack == pack && s.offset == c.offset && s.len == c.len)
+            });
+            if !complete {
+                return Ok(false);
+            }
+            pack
+        };
+        let path = self.data_path(pack, true);
+        let f = std::fs::File::open(&path)?;
+        if f.metadata()?.len() != m.size() {
+            return Ok(false);
+        }
+        let mut buf = Vec::new();
+        for c in m.chunks() {
+            buf.resize(c.len as usize, 0);
+            f.read_exact_at(&mut buf, c.offset)?;
+            if Hash::of(&buf) != c.id {
+                tracing::warn!(chunk = %c.id.fmt_short(), "staged chunk is corrupt; forgotten");
+                self.forget_in(&c.id, pack);
+                return Ok(false);
+            }
+        }
+        drop(f);
+        if let Err(e) = std::fs::rename(&path, dest) {
+            // Another filesystem, say: the file is copied from chunks.
+            tracing::debug!(from = %path.display(), to = %dest.display(), cause = %e, "staged file not moved");
+            return Ok(false);
+        }
+        let size = self.lock().forget_pack(pack);
+        if let Some(size) = size {
+            self.delete_pack(pack, size);
+        }
+        Ok(true)
+    }
+
     /// Makes the renames of earlier `put`s durable (one fsync for a batch).
     pub fn sync_dir(&self) -> io::Result<()> {
         std::fs::File::open(&self.dir)?.sync_all()
@@ -302,10 +648,18 @@ impl Staging {
     /// The bytes of chunk `id`, if staged and intact. A staged chunk whose
     /// bytes do not hash to its id is forgotten, never returned.
     pub fn get(&self, id: &Hash) -> io::Result<Option<Vec<u8>>> {
-        let Some(slot) = self.lock().chunks.get(id).copied() else {
-            return Ok(None);
+        let (slot, staged_file) = {
+            let index = self.lock();
+            let Some(slot) = index.chunks.get(id).copied() else {
+                return Ok(None);
+            };
+            let staged_file = index
+                .packs
+                .get(&slot.pack)
+                .is_some_and(|p| p.file_of.is_some());
+            (slot, staged_file)
         };
-        let read = std::fs::File::open(self.pack_path(slot.pack))
+        let read = std::fs::File::open(self.data_path(slot.pack, staged_file))
             .and_then(|f| crate::fsutil::read_exact_at(&f, slot.offset, slot.len as usize));
         let bytes = match read {
             Ok(b) => b,
@@ -358,6 +712,21 @@ impl Staging {
             .filter(|(_, p)| now.duration_since(p.created).is_ok_and(|a| a > max_age))
             .map(|(n, _)| *n)
             .collect();
+        {
+            // Announced files whose chunks never came.
+            let mut index = self.lock();
+            let stale: Vec<Hash> = index
+                .files
+                .iter()
+                .filter(|(_, a)| {
+                    a.pack.is_none() && now.duration_since(a.at).is_ok_and(|t| t > max_age)
+                })
+                .map(|(r, _)| *r)
+                .collect();
+            for r in stale {
+                index.forget_announced(&r);
+            }
+        }
         let mut removed = 0;
         for pack in old {
             let size = self.lock().forget_pack(pack);
@@ -403,10 +772,43 @@ fn legacy_chunk(path: &Path) -> Option<Hash> {
 
 /// The number of a pack file, from its name.
 fn pack_number(path: &Path) -> Option<u64> {
-    if path.extension()? != PACK_EXT {
+    number_of(path, PACK_EXT)
+}
+
+/// The number of a staging file with extension `ext`, from its name.
+fn number_of(path: &Path, ext: &str) -> Option<u64> {
+    if path.extension()? != ext {
         return None;
     }
     u64::from_str_radix(path.file_stem()?.to_str()?, 16).ok()
+}
+
+/// A staged file's list: its root, its size and its chunks (id, offset,
+/// length). A torn last record (a crash mid-append) is dropped: it was
+/// never acknowledged.
+#[allow(clippy::type_complexity)]
+fn read_list(path: &Path, len: u64) -> io::Result<(Hash, u64, Vec<(Hash, u64, u32)>)> {
+    let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
+    if len < LIST_HEAD as u64 {
+        return Err(bad("shorter than a staged file's list header"));
+    }
+    let raw = std::fs::read(path)?;
+    if &raw[..8] != LIST_MAGIC {
+        return Err(bad("not a staged file's list"));
+    }
+    let root = Hash::from_bytes(raw[8..40].try_into().expect("32 bytes"));
+    let size = u64::from_le_bytes(raw[40..48].try_into().expect("8 bytes"));
+    let mut records = Vec::new();
+    for r in raw[LIST_HEAD..].chunks_exact(RECORD) {
+        let id = Hash::from_bytes(r[..32].try_into().expect("32 bytes"));
+        let offset = u64::from_le_bytes(r[32..40].try_into().expect("8 bytes"));
+        let len = u32::from_le_bytes(r[40..].try_into().expect("4 bytes"));
+        if offset + u64::from(len) > size {
+            return Err(bad("a chunk runs past the end of the staged file"));
+        }
+        records.push((id, offset, len));
+    }
+    Ok((root, size, records))
 }
 
 /// The chunk list of a pack, checked against the file's length.
@@ -547,6 +949,129 @@ mod tests {
         assert_eq!(st.sweep(Duration::ZERO, Duration::ZERO).unwrap(), 1);
         assert!(!st.contains(&id));
         assert_eq!(st.used(), 0);
+    }
+
+    /// A seeded file just over the size staged as itself, and its manifest.
+    fn large_file(seed: u8) -> (Vec<u8>, Manifest) {
+        let mut data = vec![0u8; STAGE_AS_FILE_MIN as usize + 12_345];
+        blake3::Hasher::new_derive_key("synod staging test")
+            .update(&[seed])
+            .finalize_xof()
+            .fill(&mut data);
+        let m = synod_chunker::chunk_slice(&data, synod_chunker::ChunkParams::default());
+        (data, m)
+    }
+
+    fn chunks_of(data: &[u8], m: &Manifest) -> Vec<(Hash, Vec<u8>)> {
+        m.chunks()
+            .iter()
+            .map(|c| {
+                let at = c.offset as usize;
+                (c.id, data[at..at + c.len as usize].to_vec())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_announced_file_is_staged_as_itself_and_placed_by_a_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(&dir.path().join("staging"), 1 << 30).unwrap();
+        let (data, m) = large_file(1);
+        st.expect_file(&m);
+        let mut chunks = chunks_of(&data, &m);
+        // Out of order, in two pushes, as stripes arrive.
+        chunks.reverse();
+        let (a, b) = chunks.split_at(chunks.len() / 3);
+        st.put_many(b).unwrap();
+        st.put_many(a).unwrap();
+        assert!(
+            !dir.path()
+                .join("staging")
+                .read_dir()
+                .unwrap()
+                .any(|e| { e.unwrap().path().extension().is_some_and(|x| x == PACK_EXT) }),
+            "no pack: every chunk went into the staged file"
+        );
+        for (id, bytes) in chunks.iter().take(3) {
+            assert_eq!(st.get(id).unwrap().as_ref(), Some(bytes));
+        }
+        let dest = dir.path().join("placed");
+        assert!(st.take_file(&m, &dest).unwrap());
+        assert!(std::fs::read(&dest).unwrap() == data);
+        assert_eq!(st.used(), 0);
+        assert!(!st.contains(&m.chunks()[0].id));
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_staged_file_is_indexed_again_on_open_and_a_torn_record_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, m) = large_file(2);
+        let chunks = chunks_of(&data, &m);
+        let last = chunks.last().unwrap().0;
+        {
+            let st = Staging::open(dir.path(), 1 << 30).unwrap();
+            st.expect_file(&m);
+            st.put_many(&chunks[..chunks.len() - 1]).unwrap();
+            st.put_many(&chunks[chunks.len() - 1..]).unwrap();
+        }
+        let list = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == LIST_EXT))
+            .unwrap();
+        let st = Staging::open(dir.path(), 1 << 30).unwrap();
+        assert!(chunks.iter().all(|(id, _)| st.contains(id)));
+        assert_eq!(
+            st.get(&last).unwrap(),
+            Some(chunks.last().unwrap().1.clone())
+        );
+        drop(st);
+        // A crash mid-append: the last record torn.
+        let len = std::fs::metadata(&list).unwrap().len();
+        let f = std::fs::OpenOptions::new().write(true).open(&list).unwrap();
+        f.set_len(len - 5).unwrap();
+        let st = Staging::open(dir.path(), 1 << 30).unwrap();
+        assert!(!st.contains(&last), "the torn record is dropped");
+        assert!(chunks[..chunks.len() - 1]
+            .iter()
+            .all(|(id, _)| st.contains(id)));
+        let dest = dir.path().join("placed");
+        assert!(!st.take_file(&m, &dest).unwrap(), "incomplete");
+        assert!(!dest.exists());
+        // The missing chunk comes again (no announcement after a restart:
+        // in a pack); the file is then assembled from chunks as usual.
+        st.put_many(&chunks[chunks.len() - 1..]).unwrap();
+        for (id, bytes) in &chunks {
+            assert_eq!(st.get(id).unwrap().as_ref(), Some(bytes));
+        }
+    }
+
+    #[test]
+    fn a_corrupt_chunk_in_a_staged_file_is_never_placed() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path(), 1 << 30).unwrap();
+        let (data, m) = large_file(3);
+        st.expect_file(&m);
+        st.put_many(&chunks_of(&data, &m)).unwrap();
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|x| x == FILE_EXT))
+            .unwrap();
+        let bad = m.chunks()[5];
+        let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
+        f.write_all_at(b"X", bad.offset + 7).unwrap();
+        let dest = dir.path().join("placed");
+        assert!(!st.take_file(&m, &dest).unwrap());
+        assert!(!dest.exists());
+        assert!(!st.contains(&bad.id), "the corrupt chunk is forgotten");
+        assert!(st.contains(&m.chunks()[6].id));
     }
 
     #[test]

@@ -126,6 +126,34 @@ fn a_large_write_to_three_voters_leaves_the_writer_once() {
     c.kill_node(1);
     for id in 2..=4 {
         c.must_see_file(id, "big.bin", &data);
+        // Its chunks were staged where they belong in the file, so placing
+        // it moved that file instead of writing the bytes a second time.
+        let placed = c.metrics(id)["files_placed_as_staged"].as_u64().unwrap();
+        assert_eq!(placed, 1, "node {id} placed big.bin from its staged file");
+    }
+}
+
+#[test]
+fn a_large_file_staged_on_its_holders_survives_them_being_killed() {
+    let mut c = TestCluster::start(4);
+    let data = random_bytes(64 << 20, 8);
+    c.client(1).put("big.bin", &data[..], None).unwrap();
+    // At once, the writer last: whoever has not placed the file yet holds
+    // it only in its staged file (bytes and list), with no writer left to
+    // fetch from. Restarted, each must end with the whole file.
+    for id in [2, 3, 4, 1] {
+        c.kill_node(id);
+    }
+    for id in 2..=4 {
+        c.start_node(id);
+    }
+    for id in 2..=4 {
+        c.must_see_file(id, "big.bin", &data);
+        let m = c.metrics(id);
+        eprintln!(
+            "node {id} after its restart: {} placed as staged, {} chunk bytes fetched",
+            m["files_placed_as_staged"], m["bytes_fetched"]
+        );
     }
 }
 
