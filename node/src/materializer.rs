@@ -1058,6 +1058,27 @@ async fn from_staged_file<N: PeerNet>(
     else {
         return Ok(None);
     };
+    let Some(missing) = node.staging.missing_in_file(&manifest) else {
+        return Ok(None);
+    };
+    // A push cut short (another node answered first): the rest is fetched
+    // into the staged file, unless most of the file is missing.
+    if missing.len() * 2 > manifest.chunk_count() {
+        return Ok(None);
+    }
+    let ids: Vec<Hash> = missing.iter().map(|c| c.id).collect();
+    for window in ids.chunks(GATHER_WINDOW) {
+        let chunks = gather(node, entry, window, &HashMap::new()).await?;
+        let (staging, m) = (node.staging.clone(), manifest.clone());
+        let chunks: Vec<(Hash, Bytes)> = window.iter().copied().zip(chunks).collect();
+        let filled = tokio::task::spawn_blocking(move || staging.fill_file(&m, &chunks))
+            .await
+            .map_err(|e| MaterializeError::Local(format!("staged file task: {e}")))?
+            .map_err(io_err("filling a staged file"))?;
+        if !filled {
+            return Ok(None);
+        }
+    }
     let tmp =
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
     let mut unfinished = RemoveOnDrop(Some(tmp.clone()));

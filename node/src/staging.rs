@@ -89,6 +89,9 @@ struct Pack {
     created: SystemTime,
     /// For a staged file (not a pack): the root of its manifest.
     file_of: Option<Hash>,
+    /// For a staged file: every chunk whose bytes it holds, including
+    /// those the index finds elsewhere.
+    held: std::collections::HashSet<Hash>,
 }
 
 impl Index {
@@ -120,7 +123,11 @@ impl Index {
         file_of: Option<Hash>,
     ) -> usize {
         let mut live = Vec::new();
+        let mut held = std::collections::HashSet::new();
         for (id, offset, len) in slots {
+            if file_of.is_some() {
+                held.insert(id);
+            }
             if let std::collections::hash_map::Entry::Vacant(e) = self.chunks.entry(id) {
                 e.insert(Slot { pack, offset, len });
                 live.push(id);
@@ -134,6 +141,7 @@ impl Index {
                 size,
                 created,
                 file_of,
+                held,
             },
         );
         n
@@ -505,15 +513,7 @@ impl Staging {
                     head.extend_from_slice(&size.to_le_bytes());
                     std::fs::write(self.list_path(p), &head)?;
                     a.pack = Some(p);
-                    index.packs.insert(
-                        p,
-                        Pack {
-                            live: Vec::new(),
-                            size: LIST_HEAD as u64,
-                            created: SystemTime::now(),
-                            file_of: Some(*root),
-                        },
-                    );
+                    index.add_pack(p, [], LIST_HEAD as u64, SystemTime::now(), Some(*root));
                     self.used.fetch_add(LIST_HEAD as u64, Ordering::Relaxed);
                     p
                 }
@@ -569,6 +569,7 @@ impl Staging {
         }
         match index.packs.get_mut(&pack) {
             Some(p) => {
+                p.held.extend(list.iter().map(|(id, _, _)| **id));
                 p.live.extend(live);
                 p.size += len;
             }
@@ -583,6 +584,48 @@ impl Staging {
             }
         }
         Ok(true)
+    }
+
+    /// The chunks of `m` its staged file lacks, if there is one (say, a
+    /// push cut short when another node answered first). The file is
+    /// announced again (after a restart it is not), so that
+    /// [`Staging::fill_file`] can complete it.
+    pub fn missing_in_file(&self, m: &Manifest) -> Option<Vec<synod_chunker::ChunkRef>> {
+        let root = m.root();
+        let mut index = self.lock();
+        let (pack, p) = index.packs.iter().find(|(_, p)| p.file_of == Some(root))?;
+        let (pack, missing) = (
+            *pack,
+            m.chunks()
+                .iter()
+                .filter(|c| !p.held.contains(&c.id))
+                .copied()
+                .collect(),
+        );
+        index.files.entry(root).or_insert_with(|| Announced {
+            size: m.size(),
+            ids: Vec::new(),
+            pack: Some(pack),
+            at: crate::lab_hooks::now(),
+        });
+        Some(missing)
+    }
+
+    /// Writes `chunks` (checked against their ids by the caller) into the
+    /// staged file of `m` at their offsets, durably; false if `m` has no
+    /// staged file any more.
+    pub fn fill_file<B: AsRef<[u8]>>(
+        &self,
+        m: &Manifest,
+        chunks: &[(Hash, B)],
+    ) -> io::Result<bool> {
+        let offsets: HashMap<Hash, u64> =
+            m.chunks().iter().rev().map(|c| (c.id, c.offset)).collect();
+        let list: Vec<InFile<'_>> = chunks
+            .iter()
+            .filter_map(|(id, b)| Some((id, *offsets.get(id)?, b.as_ref())))
+            .collect();
+        self.put_in_file(&m.root(), &list)
     }
 
     /// Moves the staged file of manifest `m` to `dest` if it holds every
@@ -601,13 +644,12 @@ impl Staging {
             else {
                 return Ok(false);
             };
-            let complete = m.chunks().iter().all(|c| {
-                index
-                    .chunks
-                    .get(&c.id)
-                    .is_some_and(|s| s.pack == pack && s.offset == c.offset && s.len == c.len)
-            });
-            if !complete {
+            // Held at their offsets: each is read back and checked below.
+            if !m
+                .chunks()
+                .iter()
+                .all(|c| index.packs[&pack].held.contains(&c.id))
+            {
                 return Ok(false);
             }
             pack
@@ -623,6 +665,9 @@ impl Staging {
             f.read_exact_at(&mut buf, c.offset)?;
             if Hash::of(&buf) != c.id {
                 tracing::warn!(chunk = %c.id.fmt_short(), "staged chunk is corrupt; forgotten");
+                if let Some(p) = self.lock().packs.get_mut(&pack) {
+                    p.held.remove(&c.id);
+                }
                 self.forget_in(&c.id, pack);
                 return Ok(false);
             }
@@ -1044,12 +1089,34 @@ mod tests {
         let dest = dir.path().join("placed");
         assert!(!st.take_file(&m, &dest).unwrap(), "incomplete");
         assert!(!dest.exists());
-        // The missing chunk comes again (no announcement after a restart:
-        // in a pack); the file is then assembled from chunks as usual.
-        st.put_many(&chunks[chunks.len() - 1..]).unwrap();
-        for (id, bytes) in &chunks {
-            assert_eq!(st.get(id).unwrap().as_ref(), Some(bytes));
-        }
+        // What it lacks is fetched into it; then it is whole.
+        let missing = st.missing_in_file(&m).unwrap();
+        assert_eq!(missing.iter().map(|c| c.id).collect::<Vec<_>>(), [last]);
+        assert!(st.fill_file(&m, &chunks[chunks.len() - 1..]).unwrap());
+        assert_eq!(st.missing_in_file(&m).unwrap(), []);
+        assert!(st.take_file(&m, &dest).unwrap());
+        assert!(std::fs::read(&dest).unwrap() == data);
+        assert_eq!(st.used(), 0);
+    }
+
+    #[test]
+    fn a_chunk_held_elsewhere_is_written_into_the_staged_file_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path(), 1 << 30).unwrap();
+        let (data, m) = large_file(4);
+        let chunks = chunks_of(&data, &m);
+        // Staged in a pack before the file was announced.
+        st.put_many(&chunks[..1]).unwrap();
+        st.expect_file(&m);
+        st.put_many(&chunks[1..]).unwrap();
+        let missing = st.missing_in_file(&m).unwrap();
+        assert_eq!(missing.len(), 1);
+        assert!(st.fill_file(&m, &chunks[..1]).unwrap());
+        let dest = dir.path().join("placed");
+        assert!(st.take_file(&m, &dest).unwrap());
+        assert!(std::fs::read(&dest).unwrap() == data);
+        // The pack's copy stays until it is removed as usual.
+        assert_eq!(st.get(&chunks[0].0).unwrap(), Some(chunks[0].1.clone()));
     }
 
     #[test]
