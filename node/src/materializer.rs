@@ -311,7 +311,7 @@ impl Assembled {
 
 impl Drop for Assembled {
     fn drop(&mut self) {
-        if let Some(r) = self.ready.take() {
+        if let Some(r) = self.ready.take().filter(|r| !r.staged) {
             let _ = std::fs::remove_file(r.at);
         }
     }
@@ -387,28 +387,28 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         .cloned();
     let upload = upload.filter(|p| p.exists());
     let from_upload = upload.is_some();
-    let (tmp, manifest, stamp) = match upload {
+    let (tmp, manifest, stamp, staged) = match upload {
         Some(tmp) => {
             let manifest = node
                 .local
                 .manifest(&entry.root)
                 .map_err(|e| MaterializeError::Local(e.to_string()))?
                 .ok_or(MaterializeError::NoManifest { root: entry.root })?;
-            (tmp, manifest, None)
+            (tmp, manifest, None, false)
         }
         None => {
             let r = match assembled.ready.take() {
                 Some(ready) => ready,
                 None => assemble(node, path, entry, local.as_ref()).await?,
             };
-            (r.at, r.manifest, Some(r.stamp))
+            (r.at, r.manifest, Some(r.stamp), r.staged)
         }
     };
     group.push(ToPlace {
         path: path.clone(),
         entry: entry.clone(),
         target,
-        tmp: RemoveOnDrop((!from_upload).then(|| tmp.clone())),
+        tmp: RemoveOnDrop((!from_upload && !staged).then(|| tmp.clone())),
         at: tmp,
         manifest,
         stamp,
@@ -779,6 +779,9 @@ pub(crate) struct Ready {
     at: PathBuf,
     manifest: Manifest,
     stamp: Stamp,
+    /// `at` is a staged file (`Staging::ready_file`): staging keeps it until
+    /// it is placed, so it is never removed here.
+    staged: bool,
 }
 
 fn record<N: PeerNet>(
@@ -812,6 +815,7 @@ fn release_staged<N: PeerNet>(node: &SyncNode<N>, manifest: &Manifest) {
     for c in manifest.chunks() {
         node.staging.remove(&c.id);
     }
+    node.staging.forget_file(&manifest.root());
 }
 
 /// The local record of `entry` just placed at `target`, with the stamp it has now.
@@ -986,6 +990,7 @@ async fn assemble<N: PeerNet>(
         at: tmp,
         manifest,
         stamp,
+        staged: false,
     })
 }
 
@@ -1038,11 +1043,13 @@ async fn from_inline<N: PeerNet>(
         at: tmp,
         manifest,
         stamp,
+        staged: false,
     }))
 }
 
-/// A large file staged as itself (`Staging::take_file`): moved to a temp
-/// file, given its mode and mtime and synced; its bytes are not copied.
+/// A large file staged as itself (`Staging::ready_file`), completed if a
+/// push was cut short, given its mode and mtime and synced: placing it
+/// renames it out of the staging area, so its bytes are not copied.
 async fn from_staged_file<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     path: &NsPath,
@@ -1058,9 +1065,14 @@ async fn from_staged_file<N: PeerNet>(
     else {
         return Ok(None);
     };
+    // Placing it is a rename out of the staging area: same filesystem only.
+    if !node.staging.same_filesystem_as(&node.folder) {
+        return Ok(None);
+    }
     let Some(missing) = node.staging.missing_in_file(&manifest) else {
         return Ok(None);
     };
+    let manifest_chunks = manifest.chunk_count();
     // A push cut short (another node answered first): the rest is fetched
     // into the staged file, unless most of the file is missing.
     if missing.len() * 2 > manifest.chunk_count() {
@@ -1079,37 +1091,36 @@ async fn from_staged_file<N: PeerNet>(
             return Ok(None);
         }
     }
-    let tmp =
-        fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
-    let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
-    let (staging, at, e) = (node.staging.clone(), tmp.clone(), entry.clone());
-    let stamp =
-        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(Manifest, Stamp)>> {
-            if !staging.take_file(&manifest, &at)? {
+    let (staging, e, m) = (node.staging.clone(), entry.clone(), manifest.clone());
+    let ready =
+        tokio::task::spawn_blocking(move || -> std::io::Result<Option<(PathBuf, Stamp)>> {
+            let Some(at) = staging.ready_file(&m)? else {
                 return Ok(None);
-            }
-            let f = std::fs::OpenOptions::new().write(true).open(&at)?;
+            };
+            // Read-only is enough to set mode and mtime (owner) and to sync, and
+            // works again if a first placement failed after a read-only mode.
+            let f = std::fs::File::open(&at)?;
             let stamp = finish(&f, &e)?;
             f.sync_all()?;
-            Ok(Some((manifest, stamp)))
+            Ok(Some((at, stamp)))
         })
         .await
         .map_err(|e| MaterializeError::Local(format!("staged file task: {e}")))?
-        .map_err(io_err(format!(
-            "taking the staged file to {}",
-            tmp.display()
-        )))?;
-    let Some((manifest, stamp)) = stamp else {
+        .map_err(io_err("readying a staged file"))?;
+    let Some((at, stamp)) = ready else {
         return Ok(None);
     };
-    Metrics::add(&node.metrics.chunks_local, manifest.chunk_count() as u64);
+    Metrics::add(
+        &node.metrics.chunks_local,
+        (manifest_chunks - missing.len()) as u64,
+    );
     Metrics::add(&node.metrics.files_placed_as_staged, 1);
-    debug!(%path, size = entry.size, "placed from its staged file");
-    unfinished.0 = None;
+    debug!(%path, size = entry.size, "placing from its staged file");
     Ok(Some(Ready {
-        at: tmp,
+        at,
         manifest,
         stamp,
+        staged: true,
     }))
 }
 

@@ -10,7 +10,7 @@
 //! file of the file's size, and a list beside it records each chunk once
 //! its bytes are synced (list and bytes are synced before the push is
 //! acknowledged). When every chunk is there, placing the file is a rename
-//! of that file ([`Staging::take_file`]): its bytes are written once on
+//! of that file ([`Staging::ready_file`]): its bytes are written once on
 //! this node instead of staged, then copied.
 
 use std::collections::HashMap;
@@ -298,6 +298,11 @@ impl Staging {
         });
         let (root, records) = match parsed {
             Ok(p) => p,
+            // Placed by a rename before a crash took its list with it.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::remove_file(list_path)?;
+                return Ok(0);
+            }
             Err(e) => {
                 tracing::warn!(list = %list_path.display(), cause = %e, "staged file is unreadable; removed");
                 let _ = std::fs::remove_file(&data_path);
@@ -476,12 +481,18 @@ impl Staging {
                 ids.push(c.id);
             }
         }
+        // A staged file from before a restart is completed, not doubled.
+        let pack = index
+            .packs
+            .iter()
+            .find(|(_, p)| p.file_of == Some(root))
+            .map(|(n, _)| *n);
         index.files.insert(
             root,
             Announced {
                 size: m.size(),
                 ids,
-                pack: None,
+                pack,
                 at: crate::lab_hooks::now(),
             },
         );
@@ -628,36 +639,36 @@ impl Staging {
         self.put_in_file(&m.root(), &list)
     }
 
-    /// Moves the staged file of manifest `m` to `dest` if it holds every
-    /// chunk of `m` at its offset, each read back and checked against its
-    /// id; true if it did. Otherwise nothing moves (a bad chunk is
-    /// forgotten) and the caller assembles the file from chunks.
-    pub fn take_file(&self, m: &Manifest, dest: &Path) -> io::Result<bool> {
+    /// The staged file of manifest `m` if it holds every chunk of `m` at
+    /// its offset, each read back and checked against its id; otherwise
+    /// None (a bad chunk is forgotten) and the caller assembles the file
+    /// from chunks. The file stays staged until [`Staging::forget_file`]:
+    /// whoever places it renames it out of here first.
+    pub fn ready_file(&self, m: &Manifest) -> io::Result<Option<PathBuf>> {
         let root = m.root();
         let pack = {
             let index = self.lock();
-            let Some(pack) = index
-                .packs
-                .iter()
-                .find(|(_, p)| p.file_of == Some(root))
-                .map(|(n, _)| *n)
-            else {
-                return Ok(false);
+            let Some((pack, p)) = index.packs.iter().find(|(_, p)| p.file_of == Some(root)) else {
+                return Ok(None);
             };
             // Held at their offsets: each is read back and checked below.
-            if !m
-                .chunks()
-                .iter()
-                .all(|c| index.packs[&pack].held.contains(&c.id))
-            {
-                return Ok(false);
+            if !m.chunks().iter().all(|c| p.held.contains(&c.id)) {
+                return Ok(None);
             }
-            pack
+            *pack
         };
         let path = self.data_path(pack, true);
-        let f = std::fs::File::open(&path)?;
+        let f = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            // Placed already, its list not yet removed.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.forget_file(&root);
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
         if f.metadata()?.len() != m.size() {
-            return Ok(false);
+            return Ok(None);
         }
         let mut buf = Vec::new();
         for c in m.chunks() {
@@ -669,20 +680,37 @@ impl Staging {
                     p.held.remove(&c.id);
                 }
                 self.forget_in(&c.id, pack);
-                return Ok(false);
+                return Ok(None);
             }
         }
-        drop(f);
-        if let Err(e) = std::fs::rename(&path, dest) {
-            // Another filesystem, say: the file is copied from chunks.
-            tracing::debug!(from = %path.display(), to = %dest.display(), cause = %e, "staged file not moved");
-            return Ok(false);
-        }
-        let size = self.lock().forget_pack(pack);
-        if let Some(size) = size {
+        Ok(Some(path))
+    }
+
+    /// Forgets the staged file of the file with manifest root `root` (placed
+    /// by a rename, or no longer needed) and removes what is left of it.
+    pub fn forget_file(&self, root: &Hash) {
+        let gone = {
+            let mut index = self.lock();
+            let pack = index
+                .packs
+                .iter()
+                .find(|(_, p)| p.file_of == Some(*root))
+                .map(|(n, _)| *n);
+            pack.and_then(|n| Some((n, index.forget_pack(n)?)))
+        };
+        if let Some((pack, size)) = gone {
             self.delete_pack(pack, size);
         }
-        Ok(true)
+    }
+
+    /// Whether `path` is on the staging area's filesystem (a staged file
+    /// can then be placed there by a rename).
+    pub fn same_filesystem_as(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(&self.dir), std::fs::metadata(path)) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev(),
+            _ => false,
+        }
     }
 
     /// Makes the renames of earlier `put`s durable (one fsync for a batch).
@@ -1007,6 +1035,17 @@ mod tests {
         (data, m)
     }
 
+    /// What the materializer does with a staged file: place it by a rename,
+    /// then let staging forget it.
+    fn take(st: &Staging, m: &Manifest, dest: &Path) -> bool {
+        let Some(at) = st.ready_file(m).unwrap() else {
+            return false;
+        };
+        std::fs::rename(at, dest).unwrap();
+        st.forget_file(&m.root());
+        true
+    }
+
     fn chunks_of(data: &[u8], m: &Manifest) -> Vec<(Hash, Vec<u8>)> {
         m.chunks()
             .iter()
@@ -1041,7 +1080,7 @@ mod tests {
             assert_eq!(st.get(id).unwrap().as_ref(), Some(bytes));
         }
         let dest = dir.path().join("placed");
-        assert!(st.take_file(&m, &dest).unwrap());
+        assert!(take(&st, &m, &dest));
         assert!(std::fs::read(&dest).unwrap() == data);
         assert_eq!(st.used(), 0);
         assert!(!st.contains(&m.chunks()[0].id));
@@ -1087,16 +1126,40 @@ mod tests {
             .iter()
             .all(|(id, _)| st.contains(id)));
         let dest = dir.path().join("placed");
-        assert!(!st.take_file(&m, &dest).unwrap(), "incomplete");
+        assert!(!take(&st, &m, &dest), "incomplete");
         assert!(!dest.exists());
         // What it lacks is fetched into it; then it is whole.
         let missing = st.missing_in_file(&m).unwrap();
         assert_eq!(missing.iter().map(|c| c.id).collect::<Vec<_>>(), [last]);
         assert!(st.fill_file(&m, &chunks[chunks.len() - 1..]).unwrap());
         assert_eq!(st.missing_in_file(&m).unwrap(), []);
-        assert!(st.take_file(&m, &dest).unwrap());
+        assert!(take(&st, &m, &dest));
         assert!(std::fs::read(&dest).unwrap() == data);
         assert_eq!(st.used(), 0);
+    }
+
+    #[test]
+    fn a_staged_file_placed_just_before_a_crash_leaves_no_list_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, m) = large_file(5);
+        {
+            let st = Staging::open(&dir.path().join("staging"), 1 << 30).unwrap();
+            st.expect_file(&m);
+            st.put_many(&chunks_of(&data, &m)).unwrap();
+            let at = st.ready_file(&m).unwrap().unwrap();
+            // Placed; the crash comes before `forget_file`.
+            std::fs::rename(at, dir.path().join("placed")).unwrap();
+        }
+        let st = Staging::open(&dir.path().join("staging"), 1 << 30).unwrap();
+        assert_eq!(st.used(), 0);
+        assert!(!st.contains(&m.chunks()[0].id));
+        assert_eq!(st.missing_in_file(&m), None);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("staging"))
+                .unwrap()
+                .count(),
+            0
+        );
     }
 
     #[test]
@@ -1113,7 +1176,7 @@ mod tests {
         assert_eq!(missing.len(), 1);
         assert!(st.fill_file(&m, &chunks[..1]).unwrap());
         let dest = dir.path().join("placed");
-        assert!(st.take_file(&m, &dest).unwrap());
+        assert!(take(&st, &m, &dest));
         assert!(std::fs::read(&dest).unwrap() == data);
         // The pack's copy stays until it is removed as usual.
         assert_eq!(st.get(&chunks[0].0).unwrap(), Some(chunks[0].1.clone()));
@@ -1135,7 +1198,7 @@ mod tests {
         let f = std::fs::OpenOptions::new().write(true).open(&file).unwrap();
         f.write_all_at(b"X", bad.offset + 7).unwrap();
         let dest = dir.path().join("placed");
-        assert!(!st.take_file(&m, &dest).unwrap());
+        assert!(!take(&st, &m, &dest));
         assert!(!dest.exists());
         assert!(!st.contains(&bad.id), "the corrupt chunk is forgotten");
         assert!(st.contains(&m.chunks()[6].id));
