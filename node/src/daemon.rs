@@ -584,6 +584,7 @@ impl Daemon {
         let view = sm.view();
         let local = LocalState::open(&ncfg.data_dir.join("local"))?;
         let staging = Staging::open(&ncfg.data_dir.join("staging"), cfg.max_staging_bytes)
+            .and_then(|s| s.placing_into(&ncfg.folder))
             .with_context(|| format!("opening staging in {}", ncfg.data_dir.display()))?;
         staging.sweep(STAGING_MAX_AGE, Duration::ZERO)?;
         tokio::spawn(sweep_staging(staging.clone()));

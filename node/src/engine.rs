@@ -434,15 +434,8 @@ impl<N: PeerNet> SyncNode<N> {
             .buffered(PUSHES_IN_FLIGHT)
             .try_collect::<Vec<()>>();
         // The chunks alone are not the files: their order must survive this
-        // node too. The manifests travel alongside the chunks (the commit
-        // waits for both anyway), or first for a large file, which the
-        // peer then stages as itself.
-        if announce_first(files) {
-            self.send_manifests(peer, files).await?;
-            send_chunks.await?;
-        } else {
-            futures::try_join!(send_chunks, self.send_manifests(peer, files))?;
-        }
+        // node too.
+        with_manifests(files, send_chunks, self.send_manifests(peer, files)).await?;
         debug!(peer, files = files.len(), pushed, "content replicated");
         Ok(())
     }
@@ -548,12 +541,7 @@ impl<N: PeerNet> SyncNode<N> {
             .try_collect::<Vec<()>>();
         let send_manifests =
             futures::future::try_join_all(peers.iter().map(|&p| self.send_manifests(p, files)));
-        if announce_first(files) {
-            send_manifests.await?;
-            send_chunks.await?;
-        } else {
-            futures::try_join!(send_chunks, send_manifests)?;
-        }
+        with_manifests(files, send_chunks, send_manifests).await?;
         debug!(
             ?peers,
             files = files.len(),
@@ -1228,13 +1216,25 @@ impl<N: PeerNet> SyncNode<N> {
     }
 }
 
-/// Whether the manifests of `files` go before their chunks: a receiver
-/// stages a large file's chunks in place when it knows the file's layout
-/// (see `Staging::expect_file`).
-fn announce_first(files: &[(&Manifest, &Path, Option<&Manifest>)]) -> bool {
-    files
+/// Sends the chunks and the manifests of `files`: together, or the
+/// manifests first when a file is large, since a receiver stages a large
+/// file's chunks in place once it knows the file's layout (see
+/// `Staging::expect_file`). The commit waits for both anyway.
+async fn with_manifests<A, B>(
+    files: &[(&Manifest, &Path, Option<&Manifest>)],
+    chunks: impl std::future::Future<Output = Result<A, NodeError>>,
+    manifests: impl std::future::Future<Output = Result<B, NodeError>>,
+) -> Result<(), NodeError> {
+    let large = files
         .iter()
-        .any(|(m, _, _)| m.size() >= crate::staging::STAGE_AS_FILE_MIN)
+        .any(|(m, _, _)| m.size() >= crate::staging::STAGE_AS_FILE_MIN);
+    if large {
+        manifests.await?;
+        chunks.await?;
+    } else {
+        futures::try_join!(chunks, manifests)?;
+    }
+    Ok(())
 }
 
 /// The chunks of `files` in `missing`, each once (read from the first file

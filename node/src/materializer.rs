@@ -812,10 +812,12 @@ fn record_placed<N: PeerNet>(
 
 /// Frees the staged copies of a placed file's chunks: the folder holds them.
 fn release_staged<N: PeerNet>(node: &SyncNode<N>, manifest: &Manifest) {
+    // A staged file goes whole first: chunk by chunk, each removal would
+    // search its list of thousands.
+    node.staging.forget_file(&manifest.root());
     for c in manifest.chunks() {
         node.staging.remove(&c.id);
     }
-    node.staging.forget_file(&manifest.root());
 }
 
 /// The local record of `entry` just placed at `target`, with the stamp it has now.
@@ -1065,14 +1067,9 @@ async fn from_staged_file<N: PeerNet>(
     else {
         return Ok(None);
     };
-    // Placing it is a rename out of the staging area: same filesystem only.
-    if !node.staging.same_filesystem_as(&node.folder) {
-        return Ok(None);
-    }
     let Some(missing) = node.staging.missing_in_file(&manifest) else {
         return Ok(None);
     };
-    let manifest_chunks = manifest.chunk_count();
     // A push cut short (another node answered first): the rest is fetched
     // into the staged file, unless most of the file is missing.
     if missing.len() * 2 > manifest.chunk_count() {
@@ -1112,7 +1109,7 @@ async fn from_staged_file<N: PeerNet>(
     };
     Metrics::add(
         &node.metrics.chunks_local,
-        (manifest_chunks - missing.len()) as u64,
+        (manifest.chunk_count() - missing.len()) as u64,
     );
     Metrics::add(&node.metrics.files_placed_as_staged, 1);
     debug!(%path, size = entry.size, "placing from its staged file");

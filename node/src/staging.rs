@@ -53,6 +53,10 @@ pub struct Staging {
     used: Arc<AtomicU64>,
     limit: u64,
     index: Arc<Mutex<Index>>,
+    /// Whether announced files are staged as themselves: only where the
+    /// folder they are placed in is on this filesystem (see
+    /// [`Staging::placing_into`]).
+    stage_files: bool,
 }
 
 #[derive(Debug, Default)]
@@ -160,6 +164,14 @@ impl Index {
         Some(p.size)
     }
 
+    /// The staged file of the file with manifest root `root`, if any.
+    fn staged_file_of(&self, root: &Hash) -> Option<u64> {
+        self.packs
+            .iter()
+            .find(|(_, p)| p.file_of.as_ref() == Some(root))
+            .map(|(n, _)| *n)
+    }
+
     fn forget_announced(&mut self, root: &Hash) {
         if let Some(a) = self.files.remove(root) {
             for id in &a.ids {
@@ -182,6 +194,7 @@ impl Staging {
             used: Arc::new(AtomicU64::new(0)),
             limit,
             index: Arc::new(Mutex::new(Index::default())),
+            stage_files: true,
         };
         let mut used = 0;
         let mut legacy = Vec::new();
@@ -198,7 +211,8 @@ impl Staging {
                 continue;
             }
             if let Some(pack) = number_of(&path, LIST_EXT) {
-                used += staging.reopen_file(pack, &path, meta.len())?;
+                let created = meta.modified().unwrap_or_else(|_| SystemTime::now());
+                used += staging.reopen_file(pack, &path, meta.len(), created)?;
                 continue;
             }
             let Some(pack) = pack_number(&path) else {
@@ -284,7 +298,13 @@ impl Staging {
     /// Indexes a staged file found at start from its list; returns the
     /// bytes it counts for. A list that does not parse, or whose file is
     /// missing or of another size, goes with its file.
-    fn reopen_file(&self, pack: u64, list_path: &Path, list_len: u64) -> io::Result<u64> {
+    fn reopen_file(
+        &self,
+        pack: u64,
+        list_path: &Path,
+        list_len: u64,
+        created: SystemTime,
+    ) -> io::Result<u64> {
         let data_path = self.data_path(pack, true);
         let parsed = read_list(list_path, list_len).and_then(|(root, size, records)| {
             let len = std::fs::metadata(&data_path)?.len();
@@ -310,9 +330,6 @@ impl Staging {
                 return Ok(0);
             }
         };
-        let created = std::fs::metadata(list_path)
-            .and_then(|m| m.modified())
-            .unwrap_or_else(|_| SystemTime::now());
         let size = list_len + records.iter().map(|(_, _, l)| u64::from(*l)).sum::<u64>();
         self.lock()
             .add_pack(pack, records, size, created, Some(root));
@@ -464,7 +481,7 @@ impl Staging {
     /// [`STAGE_AS_FILE_MIN`] bytes on, those chunks are then staged at
     /// their offsets in one file that placing the file renames.
     pub fn expect_file(&self, m: &Manifest) {
-        if m.size() < STAGE_AS_FILE_MIN {
+        if !self.stage_files || m.size() < STAGE_AS_FILE_MIN {
             return;
         }
         let root = m.root();
@@ -482,11 +499,7 @@ impl Staging {
             }
         }
         // A staged file from before a restart is completed, not doubled.
-        let pack = index
-            .packs
-            .iter()
-            .find(|(_, p)| p.file_of == Some(root))
-            .map(|(n, _)| *n);
+        let pack = index.staged_file_of(&root);
         index.files.insert(
             root,
             Announced {
@@ -604,15 +617,14 @@ impl Staging {
     pub fn missing_in_file(&self, m: &Manifest) -> Option<Vec<synod_chunker::ChunkRef>> {
         let root = m.root();
         let mut index = self.lock();
-        let (pack, p) = index.packs.iter().find(|(_, p)| p.file_of == Some(root))?;
-        let (pack, missing) = (
-            *pack,
-            m.chunks()
-                .iter()
-                .filter(|c| !p.held.contains(&c.id))
-                .copied()
-                .collect(),
-        );
+        let pack = index.staged_file_of(&root)?;
+        let held = &index.packs[&pack].held;
+        let missing = m
+            .chunks()
+            .iter()
+            .filter(|c| !held.contains(&c.id))
+            .copied()
+            .collect();
         index.files.entry(root).or_insert_with(|| Announced {
             size: m.size(),
             ids: Vec::new(),
@@ -648,14 +660,15 @@ impl Staging {
         let root = m.root();
         let pack = {
             let index = self.lock();
-            let Some((pack, p)) = index.packs.iter().find(|(_, p)| p.file_of == Some(root)) else {
+            let Some(pack) = index.staged_file_of(&root) else {
                 return Ok(None);
             };
             // Held at their offsets: each is read back and checked below.
-            if !m.chunks().iter().all(|c| p.held.contains(&c.id)) {
+            let held = &index.packs[&pack].held;
+            if !m.chunks().iter().all(|c| held.contains(&c.id)) {
                 return Ok(None);
             }
-            *pack
+            pack
         };
         let path = self.data_path(pack, true);
         let f = match std::fs::File::open(&path) {
@@ -691,11 +704,7 @@ impl Staging {
     pub fn forget_file(&self, root: &Hash) {
         let gone = {
             let mut index = self.lock();
-            let pack = index
-                .packs
-                .iter()
-                .find(|(_, p)| p.file_of == Some(*root))
-                .map(|(n, _)| *n);
+            let pack = index.staged_file_of(root);
             pack.and_then(|n| Some((n, index.forget_pack(n)?)))
         };
         if let Some((pack, size)) = gone {
@@ -703,14 +712,13 @@ impl Staging {
         }
     }
 
-    /// Whether `path` is on the staging area's filesystem (a staged file
-    /// can then be placed there by a rename).
-    pub fn same_filesystem_as(&self, path: &Path) -> bool {
+    /// Stages announced files as themselves only if `folder`, where they
+    /// are placed by a rename, is on the staging area's filesystem; they
+    /// are staged as chunks otherwise. Decided once, at start.
+    pub fn placing_into(mut self, folder: &Path) -> io::Result<Staging> {
         use std::os::unix::fs::MetadataExt;
-        match (std::fs::metadata(&self.dir), std::fs::metadata(path)) {
-            (Ok(a), Ok(b)) => a.dev() == b.dev(),
-            _ => false,
-        }
+        self.stage_files = std::fs::metadata(&self.dir)?.dev() == std::fs::metadata(folder)?.dev();
+        Ok(self)
     }
 
     /// Makes the renames of earlier `put`s durable (one fsync for a batch).
@@ -1160,6 +1168,33 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn a_folder_on_another_filesystem_gets_its_large_files_staged_as_chunks() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let Ok(folder) = tempfile::tempdir_in("/dev/shm") else {
+            return; // no second filesystem here
+        };
+        let dev = |p: &Path| std::fs::metadata(p).unwrap().dev();
+        if dev(dir.path()) == dev(folder.path()) {
+            return;
+        }
+        let st = Staging::open(dir.path(), 1 << 30)
+            .unwrap()
+            .placing_into(folder.path())
+            .unwrap();
+        let (data, m) = large_file(6);
+        st.expect_file(&m);
+        st.put_many(&chunks_of(&data, &m)).unwrap();
+        assert_eq!(st.missing_in_file(&m), None, "no staged file");
+        assert!(std::fs::read_dir(dir.path()).unwrap().all(|e| e
+            .unwrap()
+            .path()
+            .extension()
+            .is_some_and(|x| x == PACK_EXT)));
+        assert!(st.get(&m.chunks()[3].id).unwrap().is_some());
     }
 
     #[test]
