@@ -120,24 +120,13 @@ impl StateView {
     }
 
     /// The namespace Merkle root over all applied entries. Rehashes the
-    /// buckets changed since the last call from sled (see `ns_tree`).
-    pub fn try_namespace_root(&self) -> Result<Hash, StorageError> {
+    /// buckets changed since the last call (see `ns_tree`).
+    pub fn namespace_root(&self) -> Hash {
         self.shared
             .tree
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .root(&self.shared.st.sm)
-            .map_err(read_err)
-    }
-
-    /// [`StateView::try_namespace_root`] for callers that cannot handle a
-    /// storage failure: a node whose namespace storage fails to read is
-    /// crash-stop (it logs and aborts rather than report a wrong root).
-    pub fn namespace_root(&self) -> Hash {
-        self.try_namespace_root().unwrap_or_else(|e| {
-            tracing::error!(cause = %e, "namespace storage failed; aborting");
-            std::process::abort()
-        })
+            .root()
     }
 
     /// Number of entries (tombstones included).
@@ -288,7 +277,7 @@ impl Reader {
     /// The namespace root.
     pub async fn namespace_root(&self, c: Consistency) -> Result<Hash, ReadError> {
         self.settle(c).await?;
-        self.view.try_namespace_root().map_err(ReadError::Storage)
+        Ok(self.view.namespace_root())
     }
 
     /// The local view.

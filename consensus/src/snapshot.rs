@@ -12,13 +12,14 @@
 //! (last applied, membership, settings, remembered answers) under the apply
 //! gate and then streams without it: while it runs, apply saves the
 //! pre-image of each path it changes (`Building`), and the builder uses the
-//! pre-image for any entry or Merkle leaf newer than the captured index. The
-//! header's namespace root is computed that way from the leaves (one pass in
-//! key order, see `ns_tree`), then the entries stream out in path order.
+//! pre-image for any entry newer than the captured index. The header's
+//! namespace root is the in-memory trie's at the capture (`ns_tree`), then
+//! the entries stream out in path order.
 //!
-//! Memory does not grow with the number of entries: a build and an install
-//! hold one frame ([`FRAME_ITEMS`]), one Merkle bucket and the trie's top
-//! levels (≈ 2.8 MiB); an install writes sled in batches of [`LOAD_BATCH`].
+//! A build and an install hold one frame ([`FRAME_ITEMS`]) beyond what the
+//! state machine keeps anyway (the Merkle trie, 64 bytes per path, which an
+//! install derives again from the entries it wrote); an install writes sled
+//! in batches of [`LOAD_BATCH`].
 
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
@@ -33,7 +34,6 @@ use tokio::io::AsyncSeekExt;
 use crate::apply::{may_have_blob, split_blob};
 use crate::codec;
 use crate::command::Answer;
-use crate::ns_tree::{self, leaf_key, leaf_value, NsTreeError};
 use crate::state_machine::{
     answers_key, blob_key, change_key, entry_key, load_mem, preimage_key, AnswerRecord, Building,
     SmMem, SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_ENTRY, P_PREIMAGE,
@@ -112,15 +112,6 @@ pub enum SnapshotError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
-    },
-    /// The namespace Merkle leaves could not be read.
-    #[error("snapshot {path}: namespace Merkle leaves")]
-    Merkle {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: NsTreeError,
     },
     /// sled failed while loading.
     #[error("snapshot {path}: storage failed while loading")]
@@ -352,8 +343,16 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             // stay in sled until the build ends (see `Building`).
             let dedup = mem.dedup.records.front().map(|(k, _)| *k);
             mem.building = Some(Building::default());
+            // The trie is in memory and apply is held: this is the root at `at`.
+            let root = self
+                .shared
+                .tree
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .root();
             Capture {
                 at,
+                root,
                 last_applied: mem.last_applied,
                 membership: mem.membership.clone(),
                 settings: mem.settings,
@@ -395,6 +394,8 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
 /// What a build captures under the gate.
 struct Capture {
     at: u64,
+    /// The namespace root at `at`.
+    root: Hash,
     last_applied: Option<crate::types::LogId>,
     membership: crate::types::StoredMembership,
     settings: Option<ClusterSettings>,
@@ -435,10 +436,7 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
     };
     let path = file_for(st, &id);
     let tmp = path.with_extension("tmp");
-    let root = root_at(st, cap.at).map_err(|source| SnapshotError::Merkle {
-        path: path.clone(),
-        source,
-    })?;
+    let root = cap.root;
     let mut w = FrameWriter::create(tmp.clone())?;
     w.frame(&Frame::Header {
         meta: meta.clone(),
@@ -544,30 +542,6 @@ fn write_snapshot(shared: &SmShared, cap: &Capture) -> Result<SnapshotMeta, Snap
     // The state this snapshot covers must be durable before the log behind it is purged.
     set_current(st, &meta)?;
     Ok(meta)
-}
-
-/// The namespace root at log index `at`, while apply goes on: one streaming
-/// pass over the Merkle leaves in key order, taking the pre-image (saved by
-/// apply in the same batch as the change) of any leaf written after `at`.
-fn root_at(st: &NodeStorage, at: u64) -> Result<Hash, NsTreeError> {
-    let leaves = ns_tree::leaves(&st.sm).filter_map(|leaf| {
-        let mut leaf = match leaf {
-            Ok(l) if l.version <= at => return Some(Ok(l)),
-            Ok(l) => l,
-            Err(e) => return Some(Err(e)),
-        };
-        match st.sm.get(preimage_key(&leaf.path)) {
-            // Created after `at`.
-            Ok(Some(pre)) if pre.is_empty() => None,
-            Ok(Some(pre)) => {
-                leaf.entry = Hash::of(&pre);
-                Some(Ok(leaf))
-            }
-            Ok(None) => Some(Err(NsTreeError::NoPreimage { path: leaf.path })),
-            Err(e) => Some(Err(e.into())),
-        }
-    });
-    ns_tree::root_of(leaves)
 }
 
 /// Renames a finished (fsynced) snapshot file into place and fsyncs the
@@ -755,13 +729,7 @@ pub(crate) fn load(
             Frame::Entries(v) => v.chunks(LOAD_BATCH).try_for_each(|part| {
                 let mut batch = sled::Batch::default();
                 for (p, e) in part {
-                    let bytes = codec::encode(e);
-                    let (key, _) = ns_tree::bucket_of_path(p);
-                    batch.insert(
-                        &leaf_key(&key)[..],
-                        leaf_value(e.version, &Hash::of(&bytes), p),
-                    );
-                    batch.insert(entry_key(p), bytes);
+                    batch.insert(entry_key(p), codec::encode(e));
                     batch.insert(change_key(e.version, p), &[][..]);
                 }
                 st.sm.apply_batch(batch)
@@ -808,11 +776,7 @@ pub(crate) fn load(
         .tree
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .root(&st.sm)
-        .map_err(|source| SnapshotError::Merkle {
-            path: path.clone(),
-            source,
-        })?;
+        .root();
     if got != root {
         return Err(SnapshotError::Malformed {
             path: path.clone(),

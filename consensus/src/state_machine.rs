@@ -16,15 +16,14 @@
 //! | `e` path | bincode(`Entry`) |
 //! | `c` BE(version) path | empty (change feed) |
 //! | `p` path | pre-image during a snapshot build: bincode(`Entry`), empty = absent |
-//! | `k` namespace key | leaf of the namespace Merkle trie: BE version, entry hash, path (see `ns_tree`) |
 //! | `b` path | inline content of the path's current entry: root, then bytes (`Command::PutInline`) |
 //! | `r` BE(index) BE(seq) | bincode(`Vec<(RequestId, index, Answer)>`): the answers of one log entry (exactly-once) |
 //! | `m/…` | last applied, membership, settings, install marker |
 //!
 //! The index of remembered answers is kept in memory (bounded by
-//! [`DEDUP_CAPACITY`]); of the namespace Merkle trie only the top levels are
-//! (`ns_tree`), its leaves are in sled. Both are rebuilt from sled on open
-//! and after a snapshot install. Answers are stored one record per log entry
+//! [`DEDUP_CAPACITY`]), and so is the namespace Merkle trie (64 bytes per
+//! path, derived from the `e` keys: see `ns_tree`). Both are rebuilt from
+//! sled on open and after a snapshot install. Answers are stored one record per log entry
 //! rather than one key per command: sled writes dominate apply cost.
 
 use std::collections::{HashMap, VecDeque};
@@ -38,7 +37,7 @@ use tokio::sync::watch;
 use crate::apply::{execute, NamespaceView};
 use crate::codec;
 use crate::command::{Answer, Response};
-use crate::ns_tree::{bucket_of_path, leaf_key, leaf_value, NsTree};
+use crate::ns_tree::{self, NsTree, Slot};
 use crate::snapshot::{self, SnapshotBuilder};
 use crate::storage::{NodeStorage, OpenError};
 use crate::types::{
@@ -54,6 +53,8 @@ pub(crate) const P_CHANGE: u8 = b'c';
 pub(crate) const P_ANSWERS: u8 = b'r';
 pub(crate) const P_PREIMAGE: u8 = b'p';
 pub(crate) const P_BLOB: u8 = b'b';
+/// Merkle leaves of stores written by earlier versions (no longer kept).
+const P_OLD_LEAF: u8 = b'k';
 pub(crate) const M_APPLIED: &[u8] = b"m/applied";
 pub(crate) const M_MEMBERSHIP: &[u8] = b"m/membership";
 pub(crate) const M_SETTINGS: &[u8] = b"m/settings";
@@ -394,42 +395,20 @@ pub(crate) fn load_mem(shared: &SmShared, mem: &mut SmMem) -> Result<(), Storage
         }
         sm.apply_batch(b).map_err(read_err)?;
     }
-    ensure_leaf_index(sm)?;
-    let tree = NsTree::rebuild(sm).map_err(read_err)?;
-    *shared.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
-    Ok(())
-}
-
-/// Writes the Merkle leaves of a store created before they were kept in
-/// sled (entries but no leaves), in bounded batches.
-fn ensure_leaf_index(sm: &sled::Tree) -> Result<(), StorageError> {
-    let has_leaves = sm
-        .scan_prefix([crate::ns_tree::P_LEAF])
+    // Stores written before the trie was derived from the entries kept a
+    // second key per path for it: drop them once.
+    if sm
+        .scan_prefix([P_OLD_LEAF])
         .next()
         .transpose()
         .map_err(read_err)?
-        .is_some();
-    if has_leaves {
-        return Ok(());
+        .is_some()
+    {
+        snapshot::clear_prefix(sm, P_OLD_LEAF).map_err(read_err)?;
     }
-    let mut batch = sled::Batch::default();
-    let mut n = 0;
-    for kv in sm.scan_prefix([P_ENTRY]) {
-        let (k, v) = kv.map_err(read_err)?;
-        let path = std::str::from_utf8(&k[1..]).map_err(read_err)?;
-        let e: Entry = codec::decode("namespace entry", &v).map_err(read_err)?;
-        let (key, _) = bucket_of_path(path);
-        batch.insert(
-            &leaf_key(&key)[..],
-            leaf_value(e.version, &e.tree_hash(), path),
-        );
-        n += 1;
-        if n % 64 == 0 {
-            sm.apply_batch(std::mem::take(&mut batch))
-                .map_err(read_err)?;
-        }
-    }
-    sm.apply_batch(batch).map_err(read_err)
+    let tree = NsTree::rebuild(sm, P_ENTRY).map_err(read_err)?;
+    *shared.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
+    Ok(())
 }
 
 /// The sled-backed view one log entry is applied through: reads see the batch's own
@@ -439,8 +418,8 @@ struct BatchView<'a> {
     batch: Writes,
     overlay: HashMap<String, Entry>,
     blob_overlay: HashMap<String, Option<Vec<u8>>>,
-    /// Buckets of the leaves written, and whether each path is new.
-    tree_updates: Vec<(usize, bool)>,
+    /// The Merkle slots of the paths written.
+    tree_updates: Vec<Slot>,
     settings: &'a mut Option<ClusterSettings>,
     settings_changed: bool,
     error: Option<StorageError>,
@@ -482,12 +461,7 @@ impl NamespaceView for BatchView<'_> {
         self.batch.insert(change_key(new.version, path), &[][..]);
         // Encode once: the same bytes are stored and hashed (see `Entry::tree_hash`).
         let bytes = codec::encode(&new);
-        let (key, bucket) = bucket_of_path(path);
-        self.batch.insert(
-            &leaf_key(&key)[..],
-            leaf_value(new.version, &Hash::of(&bytes), path),
-        );
-        self.tree_updates.push((bucket, old.is_none()));
+        self.tree_updates.push(ns_tree::slot(path, Hash::of(&bytes)));
         self.batch.insert(entry_key(path), bytes);
         self.overlay.insert(path.to_owned(), new);
     }
@@ -637,8 +611,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                     .insert(REDO_KEY, batch.encode())
                     .and_then(|_| batch.write_to(sm))
                     .map_err(|e| StorageIOError::apply(log_id, &e))?;
-                for (bucket, new_path) in tree_updates {
-                    tree.mark(bucket, new_path);
+                for slot in tree_updates {
+                    tree.set(slot);
                 }
             }
             mem.last_applied = Some(log_id);
@@ -716,7 +690,7 @@ mod tests {
         let (applied, _) = sm.applied_state().await.expect("applied state");
         (
             view.all().expect("entries"),
-            view.try_namespace_root().expect("root"),
+            view.namespace_root(),
             view.changes_since(0, usize::MAX).expect("change feed"),
             applied,
         )
@@ -796,5 +770,25 @@ mod tests {
             let msg = err.to_string();
             assert!(msg.contains("redo record"), "{msg}");
         }
+    }
+
+    #[tokio::test]
+    async fn merkle_leaves_left_by_an_earlier_version_are_dropped_on_open() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let want = {
+            let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+            for i in 1..=3 {
+                sm.apply([entry(i, i)]).await.expect("apply");
+            }
+            let st = &sm.shared.st;
+            for j in 0..100u8 {
+                st.sm.insert([P_OLD_LEAF, j], &[j][..]).expect("insert");
+            }
+            st.sm_db.flush().expect("flush");
+            state_of(&mut sm).await
+        };
+        let (_log, mut sm) = open_stores(d.path(), "c").expect("reopen");
+        assert_eq!(state_of(&mut sm).await, want);
+        assert_eq!(sm.shared.st.sm.scan_prefix([P_OLD_LEAF]).count(), 0);
     }
 }

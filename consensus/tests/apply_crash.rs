@@ -155,8 +155,8 @@ fn killed_applies_leave_whole_entries() {
             let (_l, mut model) = open_stores(fresh.path(), "test-cluster").expect("open");
             model.apply([entry(applied)]).await.expect("apply");
             assert_eq!(
-                view.try_namespace_root().expect("root"),
-                model.view().try_namespace_root().expect("root"),
+                view.namespace_root(),
+                model.view().namespace_root(),
                 "round {round}: namespace root after SIGKILL"
             );
             eprintln!("round {round}: applied {applied} after SIGKILL, whole");
