@@ -243,11 +243,8 @@ impl NsTree {
                     let bit = self.dirty[w].trailing_zeros() as usize;
                     let b = w * 64 + bit;
                     let bucket = &self.buckets[b];
-                    self.levels.set_bucket(
-                        b,
-                        bucket.len() as u64,
-                        node_hash(bucket, BUCKET_DEPTH),
-                    );
+                    self.levels
+                        .set_bucket(b, bucket.len() as u64, node_hash(bucket, BUCKET_DEPTH));
                     self.dirty[w] &= !(1 << bit);
                 }
             }

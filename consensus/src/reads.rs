@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::codec;
 use crate::path::NsPath;
-use crate::state_machine::{entry_key, read_err, SmShared, P_CHANGE};
+use crate::state_machine::{entry_key, feed_index, feed_key, read_err, SmShared, P_FEED};
 use crate::types::{ClusterSettings, Entry, NodeId, NodeInfo, StorageError, SynodRaft};
 
 /// How fresh a read must be.
@@ -181,34 +181,36 @@ impl StateView {
     /// resuming from the last version seen never misses a change. Entries that
     /// arrived through a snapshot install appear under their own versions.
     pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
-        let mut start = vec![P_CHANGE];
-        start.extend_from_slice(&after.saturating_add(1).to_be_bytes());
-        let end = [P_CHANGE + 1];
+        let start = feed_key(after.saturating_add(1), 0);
+        let end = [P_FEED + 1];
         // Never part of a log entry: a caller resuming after its last
         // version would skip the rest.
         let _whole_entries = self.visible();
         let mut out = Vec::new();
-        for k in self
-            .shared
-            .st
-            .sm
-            .range(start..end[..].to_vec())
-            .keys()
-            .take(limit)
-        {
-            let k = k.map_err(read_err)?;
-            let version =
-                u64::from_be_bytes(k[1..9].try_into().expect("change key has 8 index bytes"));
-            let path = std::str::from_utf8(&k[9..]).map_err(read_err)?;
-            let path = NsPath::parse(path).map_err(read_err)?;
-            let Some(entry) = self.get(&path)? else {
-                continue;
-            };
-            out.push(Change {
-                version,
-                path,
-                entry,
-            });
+        for kv in self.shared.st.sm.range(start.to_vec()..end.to_vec()) {
+            let (k, v) = kv.map_err(read_err)?;
+            let version = feed_index(&k).ok_or_else(|| {
+                read_err(std::io::Error::other(format!(
+                    "change feed key of {} bytes",
+                    k.len()
+                )))
+            })?;
+            let paths: Vec<String> = codec::decode("change feed record", &v).map_err(read_err)?;
+            for path in paths {
+                let path = NsPath::parse(&path).map_err(read_err)?;
+                // Written again later: listed under that version instead.
+                let Some(entry) = self.get(&path)?.filter(|e| e.version == version) else {
+                    continue;
+                };
+                if out.len() == limit {
+                    return Ok(out);
+                }
+                out.push(Change {
+                    version,
+                    path,
+                    entry,
+                });
+            }
         }
         Ok(out)
     }

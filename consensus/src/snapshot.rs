@@ -35,7 +35,7 @@ use crate::apply::{may_have_blob, split_blob};
 use crate::codec;
 use crate::command::Answer;
 use crate::state_machine::{
-    answers_key, blob_key, change_key, entry_key, load_mem, preimage_key, AnswerRecord, Building,
+    answers_key, blob_key, entry_key, feed_key, load_mem, preimage_key, AnswerRecord, Building,
     SmMem, SmShared, M_APPLIED, M_INSTALLING, M_MEMBERSHIP, M_SETTINGS, P_ENTRY, P_PREIMAGE,
 };
 use crate::storage::NodeStorage;
@@ -723,14 +723,24 @@ pub(crate) fn load(
         .map_err(sled_err)?;
     let mut failure = None;
     let mut frame_no = 0u32;
+    // Distinguishes feed records of one version written from several parts
+    // (applied entries use 0).
+    let mut feed_seq = 0u32;
     read_file(&path, |f| {
         frame_no += 1;
         let res = match f {
             Frame::Entries(v) => v.chunks(LOAD_BATCH).try_for_each(|part| {
                 let mut batch = sled::Batch::default();
+                // The change feed: one record per version in this part.
+                let mut by_version: std::collections::BTreeMap<u64, Vec<String>> =
+                    Default::default();
                 for (p, e) in part {
                     batch.insert(entry_key(p), codec::encode(e));
-                    batch.insert(change_key(e.version, p), &[][..]);
+                    by_version.entry(e.version).or_default().push(p.to_string());
+                }
+                for (v, paths) in by_version {
+                    feed_seq += 1;
+                    batch.insert(&feed_key(v, feed_seq)[..], codec::encode(&paths));
                 }
                 st.sm.apply_batch(batch)
             }),
@@ -772,11 +782,7 @@ pub(crate) fn load(
         path: path.clone(),
         reason: e.to_string(),
     })?;
-    let got = shared
-        .tree
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .root();
+    let got = shared.tree.lock().unwrap_or_else(|p| p.into_inner()).root();
     if got != root {
         return Err(SnapshotError::Malformed {
             path: path.clone(),

@@ -14,7 +14,7 @@
 //! | key | value |
 //! |---|---|
 //! | `e` path | bincode(`Entry`) |
-//! | `c` BE(version) path | empty (change feed) |
+//! | `f` BE(index) BE(seq) | bincode(`Vec<String>`): the paths written at that log index (change feed, see [`Feed`]) |
 //! | `p` path | pre-image during a snapshot build: bincode(`Entry`), empty = absent |
 //! | `b` path | inline content of the path's current entry: root, then bytes (`Command::PutInline`) |
 //! | `r` BE(index) BE(seq) | bincode(`Vec<(RequestId, index, Answer)>`): the answers of one log entry (exactly-once) |
@@ -49,7 +49,9 @@ use crate::types::{
 pub const DEDUP_CAPACITY: usize = 100_000;
 
 pub(crate) const P_ENTRY: u8 = b'e';
-pub(crate) const P_CHANGE: u8 = b'c';
+pub(crate) const P_FEED: u8 = b'f';
+/// Change feed of stores written by earlier versions: one key per path.
+const P_OLD_CHANGE: u8 = b'c';
 pub(crate) const P_ANSWERS: u8 = b'r';
 pub(crate) const P_PREIMAGE: u8 = b'p';
 pub(crate) const P_BLOB: u8 = b'b';
@@ -58,6 +60,8 @@ const P_OLD_LEAF: u8 = b'k';
 pub(crate) const M_APPLIED: &[u8] = b"m/applied";
 pub(crate) const M_MEMBERSHIP: &[u8] = b"m/membership";
 pub(crate) const M_SETTINGS: &[u8] = b"m/settings";
+/// How many paths listed in the change feed were written again since (see [`Feed`]).
+pub(crate) const M_FEED_DEAD: &[u8] = b"m/feed-dead";
 /// Set while a snapshot is being loaded; on open it means "reload it".
 pub(crate) const M_INSTALLING: &[u8] = b"m/installing";
 
@@ -77,20 +81,28 @@ pub(crate) fn blob_key(path: &str) -> Vec<u8> {
     path_key(P_BLOB, path)
 }
 
-pub(crate) fn change_key(version: u64, path: &str) -> Vec<u8> {
-    let mut k = Vec::with_capacity(9 + path.len());
-    k.push(P_CHANGE);
-    k.extend_from_slice(&version.to_be_bytes());
-    k.extend_from_slice(path.as_bytes());
+/// `prefix`, BE(index), BE(seq): the key of a per-log-entry record.
+fn index_key(prefix: u8, index: u64, seq: u32) -> [u8; 13] {
+    let mut k = [0u8; 13];
+    k[0] = prefix;
+    k[1..9].copy_from_slice(&index.to_be_bytes());
+    k[9..].copy_from_slice(&seq.to_be_bytes());
     k
 }
 
 pub(crate) fn answers_key(index: u64, seq: u32) -> [u8; 13] {
-    let mut k = [0u8; 13];
-    k[0] = P_ANSWERS;
-    k[1..9].copy_from_slice(&index.to_be_bytes());
-    k[9..].copy_from_slice(&seq.to_be_bytes());
-    k
+    index_key(P_ANSWERS, index, seq)
+}
+
+/// The key of a change feed record: the paths written at log index `index`.
+pub(crate) fn feed_key(index: u64, seq: u32) -> [u8; 13] {
+    index_key(P_FEED, index, seq)
+}
+
+/// Splits a feed record's key into its log index.
+pub(crate) fn feed_index(k: &[u8]) -> Option<u64> {
+    (k.len() == 13 && k[0] == P_FEED)
+        .then(|| u64::from_be_bytes(k[1..9].try_into().expect("8 bytes")))
 }
 
 /// Key of the redo record in the `redo` tree.
@@ -276,6 +288,81 @@ pub(crate) struct SmMem {
     pub dedup: Dedup,
     /// Set while a snapshot build reads the namespace at this log index.
     pub building: Option<Building>,
+    /// The change feed's garbage collection.
+    pub feed: Feed,
+}
+
+/// Listings of the change feed to leave dead before sweeping them.
+const SWEEP_AT: u64 = 16_384;
+/// Listings a sweep checks per applied log entry.
+const SWEEP_PER_ENTRY: usize = 1_024;
+
+/// The change feed's garbage. Each applied log entry lists the paths it
+/// wrote in one record (one sled insert per entry: one key per path cost
+/// apply a B-tree insert per command). A path written again later stays
+/// listed in its older record, where readers skip it (its entry's version
+/// is newer); `dead` counts such listings. Once it reaches [`SWEEP_AT`],
+/// each applied entry also checks up to [`SWEEP_PER_ENTRY`] listings from
+/// `cursor`, rewriting records without their dead paths or removing them,
+/// until a full pass ends. A pass removes every listing dead at its start,
+/// so the feed holds its live paths plus at most `SWEEP_AT` and about two
+/// passes' worth of rewrites.
+#[derive(Debug, Default)]
+pub(crate) struct Feed {
+    /// Dead listings (persisted as [`M_FEED_DEAD`]).
+    pub dead: u64,
+    /// The next record key a sweep checks; `None` between passes.
+    pub cursor: Option<[u8; 13]>,
+}
+
+impl Feed {
+    /// Sweeps part of the feed through `view` (which sees the entry being
+    /// applied), adding its record rewrites to the view's batch.
+    fn sweep(&mut self, view: &mut BatchView<'_>, index: u64) -> Result<(), StorageError> {
+        let start = self.cursor.unwrap_or_else(|| feed_key(0, 0));
+        let end = feed_key(index, 0);
+        let mut checked = 0;
+        let mut next = None;
+        for kv in view.sm.range(start..end) {
+            let (k, v) = kv.map_err(read_err)?;
+            let at = feed_index(&k).ok_or_else(|| read_err(bad_feed_key(&k)))?;
+            let paths: Vec<String> = codec::decode("change feed record", &v).map_err(read_err)?;
+            let n = paths.len();
+            let live: Vec<String> = paths
+                .into_iter()
+                .filter(|p| view.get(p).is_some_and(|e| e.version == at))
+                .collect();
+            if let Some(e) = view.error.take() {
+                return Err(e);
+            }
+            if live.is_empty() {
+                view.batch.remove(&k);
+            } else if live.len() < n {
+                view.batch.insert(&k, codec::encode(&live));
+            }
+            self.dead = self.dead.saturating_sub((n - live.len()) as u64);
+            checked += n;
+            if checked >= SWEEP_PER_ENTRY {
+                let seq = u32::from_be_bytes(k[9..13].try_into().expect("4 bytes"));
+                next = Some(match seq.checked_add(1) {
+                    Some(s) => feed_key(at, s),
+                    None => feed_key(at + 1, 0),
+                });
+                break;
+            }
+        }
+        self.cursor = next;
+        if next.is_none() {
+            // A whole pass is done: what died behind the cursor meanwhile
+            // is left for the next pass.
+            self.dead = 0;
+        }
+        Ok(())
+    }
+}
+
+fn bad_feed_key(k: &[u8]) -> std::io::Error {
+    std::io::Error::other(format!("change feed key of {} bytes", k.len()))
 }
 
 /// State shared by the state machine, its snapshot builders and readers.
@@ -373,6 +460,15 @@ pub(crate) fn load_mem(shared: &SmShared, mem: &mut SmMem) -> Result<(), Storage
         Some(b) => Some(codec::decode("cluster settings", &b).map_err(read_err)?),
         None => None,
     };
+    mem.feed = Feed {
+        dead: match get(M_FEED_DEAD)? {
+            Some(b) => u64::from_be_bytes(b.as_ref().try_into().map_err(|_| {
+                read_err(std::io::Error::other("change feed counter is not 8 bytes"))
+            })?),
+            None => 0,
+        },
+        cursor: None,
+    };
     mem.dedup = Dedup::default();
     for kv in sm.scan_prefix([P_ANSWERS]) {
         let (k, v) = kv.map_err(read_err)?;
@@ -395,20 +491,65 @@ pub(crate) fn load_mem(shared: &SmShared, mem: &mut SmMem) -> Result<(), Storage
         }
         sm.apply_batch(b).map_err(read_err)?;
     }
-    // Stores written before the trie was derived from the entries kept a
-    // second key per path for it: drop them once.
-    if sm
-        .scan_prefix([P_OLD_LEAF])
-        .next()
-        .transpose()
-        .map_err(read_err)?
-        .is_some()
-    {
-        snapshot::clear_prefix(sm, P_OLD_LEAF).map_err(read_err)?;
-    }
+    migrate(sm)?;
     let tree = NsTree::rebuild(sm, P_ENTRY).map_err(read_err)?;
     *shared.tree.lock().unwrap_or_else(|p| p.into_inner()) = tree;
     Ok(())
+}
+
+/// Converts a store written by an earlier version: the namespace Merkle
+/// leaves it kept as a second key per path are dropped (the trie is derived
+/// from the entries now), and its change feed (one key per path, under the
+/// path's version) becomes one record per version.
+fn migrate(sm: &sled::Tree) -> Result<(), StorageError> {
+    let any = |prefix: u8| -> Result<bool, StorageError> {
+        Ok(sm
+            .scan_prefix([prefix])
+            .next()
+            .transpose()
+            .map_err(read_err)?
+            .is_some())
+    };
+    if any(P_OLD_LEAF)? {
+        snapshot::clear_prefix(sm, P_OLD_LEAF).map_err(read_err)?;
+    }
+    if !any(P_OLD_CHANGE)? {
+        return Ok(());
+    }
+    // In version order: each version's paths become one record.
+    let mut batch = sled::Batch::default();
+    let mut cur: Option<(u64, Vec<String>)> = None;
+    let flush = |cur: Option<(u64, Vec<String>)>, batch: &mut sled::Batch| {
+        if let Some((v, paths)) = cur {
+            batch.insert(&feed_key(v, 0)[..], codec::encode(&paths));
+        }
+    };
+    let mut n = 0;
+    for k in sm.scan_prefix([P_OLD_CHANGE]).keys() {
+        let k = k.map_err(read_err)?;
+        let (Some(v), Ok(path)) = (
+            k.get(1..9)
+                .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes"))),
+            std::str::from_utf8(k.get(9..).unwrap_or_default()),
+        ) else {
+            return Err(read_err(bad_feed_key(&k)));
+        };
+        match &mut cur {
+            Some((cv, paths)) if *cv == v => paths.push(path.to_owned()),
+            _ => {
+                flush(cur.take(), &mut batch);
+                cur = Some((v, vec![path.to_owned()]));
+            }
+        }
+        n += 1;
+        if n % 1024 == 0 {
+            sm.apply_batch(std::mem::take(&mut batch))
+                .map_err(read_err)?;
+        }
+    }
+    flush(cur, &mut batch);
+    sm.apply_batch(batch).map_err(read_err)?;
+    snapshot::clear_prefix(sm, P_OLD_CHANGE).map_err(read_err)
 }
 
 /// The sled-backed view one log entry is applied through: reads see the batch's own
@@ -420,6 +561,10 @@ struct BatchView<'a> {
     blob_overlay: HashMap<String, Option<Vec<u8>>>,
     /// The Merkle slots of the paths written.
     tree_updates: Vec<Slot>,
+    /// The paths written (for the change feed record).
+    written: Vec<String>,
+    /// How many of them replaced an entry of an earlier log index.
+    overwrites: u64,
     settings: &'a mut Option<ClusterSettings>,
     settings_changed: bool,
     error: Option<StorageError>,
@@ -455,13 +600,14 @@ impl NamespaceView for BatchView<'_> {
                 self.batch.insert(preimage_key(path), pre);
             }
         }
-        if let Some(old) = old {
-            self.batch.remove(change_key(old.version, path));
+        if old.is_some_and(|o| o.version != new.version) {
+            self.overwrites += 1;
         }
-        self.batch.insert(change_key(new.version, path), &[][..]);
+        self.written.push(path.to_owned());
         // Encode once: the same bytes are stored and hashed (see `Entry::tree_hash`).
         let bytes = codec::encode(&new);
-        self.tree_updates.push(ns_tree::slot(path, Hash::of(&bytes)));
+        self.tree_updates
+            .push(ns_tree::slot(path, Hash::of(&bytes)));
         self.batch.insert(entry_key(path), bytes);
         self.overlay.insert(path.to_owned(), new);
     }
@@ -535,6 +681,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 overlay: HashMap::new(),
                 blob_overlay: HashMap::new(),
                 tree_updates: Vec::new(),
+                written: Vec::new(),
+                overwrites: 0,
                 settings: &mut settings,
                 settings_changed: false,
                 error: None,
@@ -566,6 +714,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                         resp.answers.push(a);
                     }
                 }
+            }
+            let dead_before = mem.feed.dead;
+            mem.feed.dead += view.overwrites;
+            if !view.written.is_empty() {
+                let mut written = std::mem::take(&mut view.written);
+                written.sort_unstable();
+                written.dedup();
+                view.batch
+                    .insert(feed_key(index, 0), codec::encode(&written));
+            }
+            if mem.feed.dead >= SWEEP_AT || mem.feed.cursor.is_some() {
+                mem.feed.sweep(&mut view, index)?;
+            }
+            if mem.feed.dead != dead_before {
+                view.batch.insert(M_FEED_DEAD, mem.feed.dead.to_be_bytes());
             }
             let BatchView {
                 mut batch,
@@ -790,5 +953,67 @@ mod tests {
         let (_log, mut sm) = open_stores(d.path(), "c").expect("reopen");
         assert_eq!(state_of(&mut sm).await, want);
         assert_eq!(sm.shared.st.sm.scan_prefix([P_OLD_LEAF]).count(), 0);
+    }
+
+    fn feed_records(sm: &StateMachineStore) -> usize {
+        sm.shared.st.sm.scan_prefix([P_FEED]).count()
+    }
+
+    #[tokio::test]
+    async fn the_change_feed_sweeps_paths_written_again_and_stays_right() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let entries = 1_300u64;
+        let (want, dead) = {
+            let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+            // The same 16 paths in every entry: each entry's record leaves
+            // the previous one's 16 listings dead.
+            for i in 1..=entries {
+                sm.apply([entry(i, i)]).await.expect("apply");
+            }
+            let kept = feed_records(&sm);
+            assert!(
+                kept < (entries / 2) as usize,
+                "{kept} feed records kept for {entries} entries over the same 16 paths"
+            );
+            let dead = sm.shared.gate.lock().await.feed.dead;
+            assert!(dead > 0, "dead listings left since the last pass");
+            (state_of(&mut sm).await, dead)
+        };
+        let feed = &want.2;
+        assert_eq!(feed.len(), 16, "each path once");
+        assert!(feed
+            .iter()
+            .all(|c| c.version == entries && c.entry.version == entries));
+        // The count of dead listings survives a restart.
+        let (_log, mut sm) = open_stores(d.path(), "c").expect("reopen");
+        assert_eq!(state_of(&mut sm).await, want);
+        assert_eq!(sm.shared.gate.lock().await.feed.dead, dead);
+    }
+
+    #[tokio::test]
+    async fn a_change_feed_of_one_key_per_path_is_converted_on_open() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let want = {
+            let (_log, mut sm) = open_stores(d.path(), "c").expect("open");
+            for i in 1..=3 {
+                sm.apply([entry(i, i)]).await.expect("apply");
+            }
+            let want = state_of(&mut sm).await;
+            // What an earlier version kept: `c` BE(version) path, empty.
+            let st = &sm.shared.st;
+            snapshot::clear_prefix(&st.sm, P_FEED).expect("clear");
+            for c in &want.2 {
+                let mut k = vec![P_OLD_CHANGE];
+                k.extend_from_slice(&c.version.to_be_bytes());
+                k.extend_from_slice(c.path.as_str().as_bytes());
+                st.sm.insert(k, &[][..]).expect("insert");
+            }
+            st.sm_db.flush().expect("flush");
+            want
+        };
+        let (_log, mut sm) = open_stores(d.path(), "c").expect("reopen");
+        assert_eq!(state_of(&mut sm).await, want);
+        assert_eq!(sm.shared.st.sm.scan_prefix([P_OLD_CHANGE]).count(), 0);
+        assert_eq!(feed_records(&sm), 1, "one record for the one live version");
     }
 }
