@@ -219,6 +219,13 @@ impl NsTree {
         self.len
     }
 
+    /// Whether a path whose namespace key is `key` has an entry.
+    pub fn contains(&self, key: &Hash) -> bool {
+        self.buckets[bucket_of(key)]
+            .binary_search_by_key(key, |s| s.0)
+            .is_ok()
+    }
+
     /// Records a path's new [`slot`].
     pub fn set(&mut self, slot: Slot) {
         let key = slot.0;

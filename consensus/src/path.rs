@@ -3,7 +3,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use unicode_normalization::UnicodeNormalization;
+use unicode_normalization::{is_nfc_quick, IsNormalized, UnicodeNormalization};
 
 /// The first segment reserved for synod's own files.
 pub const RESERVED_PREFIX: &str = ".synod";
@@ -71,7 +71,12 @@ impl NsPath {
             path: s.to_owned(),
             rule,
         };
-        let n: String = s.nfc().collect();
+        // Most paths are already NFC (all ASCII ones are): skip the rewrite.
+        let n: String = if s.is_ascii() || is_nfc_quick(s.chars()) == IsNormalized::Yes {
+            s.to_owned()
+        } else {
+            s.nfc().collect()
+        };
         if n.is_empty() {
             return Err(err(PathRule::Empty));
         }

@@ -556,6 +556,9 @@ fn migrate(sm: &sled::Tree) -> Result<(), StorageError> {
 /// earlier writes through `overlay`.
 struct BatchView<'a> {
     sm: &'a sled::Tree,
+    /// The trie as of the entries before this one: it knows every path
+    /// that has an entry, so a new path costs no sled lookup.
+    tree: &'a std::sync::Mutex<NsTree>,
     batch: Writes,
     overlay: HashMap<String, Entry>,
     blob_overlay: HashMap<String, Option<Vec<u8>>>,
@@ -575,6 +578,15 @@ impl NamespaceView for BatchView<'_> {
     fn get(&mut self, path: &str) -> Option<Entry> {
         if let Some(e) = self.overlay.get(path) {
             return Some(e.clone());
+        }
+        let key = synod_merkle::namespace_key(path);
+        if !self
+            .tree
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key)
+        {
+            return None;
         }
         match self.sm.get(entry_key(path)) {
             Ok(None) => None,
@@ -674,6 +686,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             let mut answered: HashMap<RequestId, usize> = HashMap::new();
             let mut view = BatchView {
                 sm,
+                tree: &self.shared.tree,
                 batch: Writes {
                     index,
                     ops: Vec::new(),
