@@ -7,7 +7,7 @@
 //! - `install`: open an empty store, then install that snapshot file;
 //! - `open`: open the installed store (the control: what a state machine
 //!   holding N entries keeps resident anyway, mostly the in-memory namespace
-//!   Merkle tree and sled's page cache).
+//!   Merkle trie and sled's page cache).
 //!
 //! Growth is measured from just after the store is opened to the peak during
 //! the step (see the assertions for the bound and why it is stated against
@@ -206,8 +206,8 @@ fn snapshot_build_and_install_use_bounded_memory() {
     // sled 0.34 does not keep its memory within `cache_capacity`: opening
     // or scanning a store grows RSS with the number of keys it holds
     // (≈ 50 B per key here; sled#1093, #1410), whatever this crate does. The
-    // namespace itself is not held in memory (the Merkle trie keeps only its
-    // top levels, see `ns_tree`), so what a snapshot adds on top is bounded:
+    // state machine holds the Merkle trie (64 bytes per path, see `ns_tree`)
+    // in the control as well, so what a snapshot adds on top is bounded:
     // an install holds less than a fresh open of its result plus the smaller
     // of the data and a constant (frames, buffers, one Merkle bucket;
     // measured 2 MiB at 100 k and 14 MiB at 1 M entries), and a build less
