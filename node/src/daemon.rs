@@ -654,6 +654,7 @@ impl Daemon {
             uploads: Arc::new(Mutex::new(HashMap::new())),
             watermark: watch::Sender::new(watermark),
             folder_lock: tokio::sync::Mutex::new(()),
+            placed: Default::default(),
         });
         if services.node.set(node.clone()).is_err() {
             bail!("services initialized twice");

@@ -77,6 +77,8 @@ pub struct SyncNode<N: PeerNet> {
     /// scanner while it commits what it found, so neither acts on a file
     /// the other is halfway through.
     pub(crate) folder_lock: tokio::sync::Mutex<()>,
+    /// What the materializer placed, so the watcher knows its own renames.
+    pub(crate) placed: Arc<crate::scanner::Placed>,
 }
 
 impl<N: PeerNet> std::fmt::Debug for SyncNode<N> {

@@ -571,7 +571,10 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, Mater
             .open(tmp)
             .and_then(|file| finish(&file, entry)),
     }
-    .and_then(|stamp| fsutil::rename_into(tmp, target).map(|()| stamp));
+    .and_then(|stamp| {
+        node.placed.note(target, stamp.inode);
+        fsutil::rename_into(tmp, target).map(|()| stamp)
+    });
     if f.from_upload {
         node.uploads
             .lock()

@@ -167,7 +167,7 @@ pub async fn run<N: PeerNet>(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let events = Arc::new(Notify::new());
-    let _watcher = match watch_folder(&node.folder, events.clone()) {
+    let _watcher = match watch_folder(&node.folder, events.clone(), node.placed.clone()) {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(folder = %node.folder.display(), cause = %e, "no filesystem watcher; relying on periodic scans");
@@ -240,21 +240,66 @@ async fn catch_up<N: PeerNet>(node: &SyncNode<N>) {
     let _ = tokio::time::timeout(node.write_timeout * 4, wm.wait_for(|&w| w >= applied)).await;
 }
 
-fn watch_folder(folder: &Path, events: Arc<Notify>) -> notify::Result<notify::RecommendedWatcher> {
+/// Files the materializer renamed into the folder: path → the inode it
+/// put there. A rename event at such a path, while the path still holds
+/// that inode, is our own placement and wakes no scan: under a stream of
+/// remote writes those wake-ups rescanned the whole folder every few
+/// seconds, a tenth of a node's work. Writes to the file, and anything
+/// else moved onto the path, still wake the scanner.
+#[derive(Debug, Default)]
+pub(crate) struct Placed(std::sync::Mutex<HashMap<PathBuf, u64>>);
+
+impl Placed {
+    /// Bound on the paths remembered; past it they are forgotten, which
+    /// costs at most a scan.
+    const MAX: usize = 1 << 16;
+
+    /// Called before the rename of the file with inode `inode` to `target`.
+    pub(crate) fn note(&self, target: &Path, inode: u64) {
+        let mut m = self.0.lock().expect("placed lock poisoned");
+        if m.len() >= Self::MAX {
+            m.clear();
+        }
+        m.insert(target.to_path_buf(), inode);
+    }
+
+    /// Whether `path` holds the file the materializer placed there.
+    fn holds(&self, path: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let Some(inode) = self
+            .0
+            .lock()
+            .expect("placed lock poisoned")
+            .get(path)
+            .copied()
+        else {
+            return false;
+        };
+        std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == inode)
+    }
+}
+
+fn watch_folder(
+    folder: &Path,
+    events: Arc<Notify>,
+    placed: Arc<Placed>,
+) -> notify::Result<notify::RecommendedWatcher> {
     let ours = fsutil::tmp_dir(folder)
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
-            use notify::event::{AccessKind, AccessMode, EventKind};
+            use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
             // Reads (ours, peers' fetches, users') change nothing.
             let change = match ev.kind {
                 EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
                 EventKind::Access(_) => false,
                 _ => true,
             };
-            if change && ev.paths.iter().any(|p| !p.starts_with(&ours)) {
+            let rename = matches!(ev.kind, EventKind::Modify(ModifyKind::Name(_)));
+            let by_us = |p: &PathBuf| p.starts_with(&ours) || (rename && placed.holds(p));
+            if change && !ev.paths.iter().all(by_us) {
                 events.notify_one();
             }
         }

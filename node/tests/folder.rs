@@ -495,3 +495,51 @@ fn a_file_corrupted_behind_our_back_is_found_and_repaired_by_verify() {
     assert!(cluster.status.success(), "{text}");
     assert!(text.contains("3 nodes agree"), "{text}");
 }
+
+#[test]
+fn files_placed_by_sync_wake_no_scan_but_a_file_moved_onto_them_does() {
+    // No periodic rescan within the test: only the watcher wakes a scan.
+    let c = TestCluster::start_with_timeouts(3, "rescan_ms = 600000");
+    let scans = |id| c.metrics(id)["scans_completed"].as_u64().unwrap();
+    c.must_retry("first scans", || {
+        if (1..=3).all(|id| scans(id) >= 1) {
+            Ok(())
+        } else {
+            Err(io("first scan not done".into()))
+        }
+    });
+    // Scans woken by the start (the state directory's creation) are done.
+    std::thread::sleep(Duration::from_secs(3));
+    let before = scans(2);
+    for i in 0..20 {
+        let body = format!("placed {i}\n");
+        c.must_retry("put", || {
+            c.client(1).put(&format!("p{i}.txt"), body.as_bytes(), None)
+        });
+    }
+    for i in 0..20 {
+        c.must_see_file(2, &format!("p{i}.txt"), format!("placed {i}\n").as_bytes());
+    }
+    // Past the watcher's debounce: a scan woken by the placements would
+    // have run.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        scans(2),
+        before,
+        "node 2 rescanned for files it placed itself"
+    );
+
+    // A file moved onto a placed path (same name, another inode) is a
+    // user's edit and must be seen without a periodic rescan.
+    let outside = c.folder(2).parent().unwrap().join("outside.txt");
+    std::fs::write(&outside, b"moved in by a user\n").unwrap();
+    std::fs::rename(&outside, c.folder(2).join("p3.txt")).unwrap();
+    for id in [1, 3] {
+        c.must_see_file(id, "p3.txt", b"moved in by a user\n");
+    }
+    // So is a write into a placed file.
+    std::fs::write(c.folder(2).join("p4.txt"), b"written in place\n").unwrap();
+    for id in [1, 3] {
+        c.must_see_file(id, "p4.txt", b"written in place\n");
+    }
+}
