@@ -570,10 +570,14 @@ impl Daemon {
         Self::start_inner(cfg, ncfg).instrument(span).await
     }
 
-    async fn start_inner(cfg: ClusterConfig, ncfg: NodeConfig) -> Result<Daemon> {
+    async fn start_inner(cfg: ClusterConfig, mut ncfg: NodeConfig) -> Result<Daemon> {
         let id = ncfg.id;
         std::fs::create_dir_all(&ncfg.folder)
             .with_context(|| format!("creating folder {}", ncfg.folder.display()))?;
+        // The watcher reports absolute paths: the folder must be absolute too
+        // for it to tell our own temp files and placements from the user's.
+        ncfg.folder = std::path::absolute(&ncfg.folder)
+            .with_context(|| format!("resolving folder {}", ncfg.folder.display()))?;
         let key = synod_transport::load_or_create_identity(&ncfg.data_dir)?;
         let swept = fsutil::sweep_tmp(&ncfg.folder).context("sweeping leftover temp files")?;
         if swept > 0 {

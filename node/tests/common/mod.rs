@@ -106,9 +106,13 @@ impl TestCluster {
 
     pub fn start_node(&mut self, id: usize) {
         let log = std::fs::File::create(self.dir.path().join(format!("node{id}.log"))).unwrap();
+        // Run from the configuration's directory and name it relatively, as
+        // a user does: the folder paths it resolves are then relative too.
+        let config = &self.node_configs[id - 1];
         let child = Command::new(env!("CARGO_BIN_EXE_synod"))
+            .current_dir(config.parent().unwrap())
             .arg("--config")
-            .arg(&self.node_configs[id - 1])
+            .arg(config.file_name().unwrap())
             .args(["run", "--node", &id.to_string()])
             .env(
                 "RUST_LOG",
