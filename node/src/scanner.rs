@@ -305,7 +305,18 @@ fn watch_folder(
         }
         Err(_) => events.notify_one(),
     })?;
+    // `.synod/` (temp files of every placement, our state) is unwatched:
+    // its events would all be dropped above, and they outnumber the rest.
+    // Made first, so it is not left to be watched when it appears.
+    let own = fsutil::tmp_dir(folder);
+    std::fs::create_dir_all(&own).map_err(notify::Error::io)?;
     w.watch(folder, notify::RecursiveMode::Recursive)?;
+    if let Some(own) = own.parent() {
+        // Still watched if this fails: only slower.
+        if let Err(e) = w.unwatch(own) {
+            debug!(cause = %e, "our state directory stays watched");
+        }
+    }
     Ok(w)
 }
 
