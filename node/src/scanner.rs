@@ -167,7 +167,12 @@ pub async fn run<N: PeerNet>(
     mut shutdown: broadcast::Receiver<()>,
 ) {
     let events = Arc::new(Notify::new());
-    let _watcher = match watch_folder(&node.folder, events.clone(), node.placed.clone()) {
+    // Setting the watch walks every directory of the folder: off the runtime.
+    let (folder, ev, placed) = (node.folder.clone(), events.clone(), node.placed.clone());
+    let watcher = tokio::task::spawn_blocking(move || watch_folder(&folder, ev, placed))
+        .await
+        .unwrap_or_else(|e| Err(notify::Error::generic(&format!("watcher task: {e}"))));
+    let _watcher = match watcher {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(folder = %node.folder.display(), cause = %e, "no filesystem watcher; relying on periodic scans");
@@ -284,10 +289,12 @@ fn watch_folder(
     events: Arc<Notify>,
     placed: Arc<Placed>,
 ) -> notify::Result<notify::RecommendedWatcher> {
-    let ours = fsutil::tmp_dir(folder)
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
+    let tmp = fsutil::tmp_dir(folder);
+    // `.synod/`: every placement's temp file, and our state.
+    let ours = tmp.parent().map(Path::to_path_buf).unwrap_or_default();
+    // Made before the watch, so it is not picked up when it appears.
+    std::fs::create_dir_all(&tmp).map_err(notify::Error::io)?;
+    let unwatched = ours.clone();
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
         Ok(ev) => {
             use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
@@ -305,17 +312,11 @@ fn watch_folder(
         }
         Err(_) => events.notify_one(),
     })?;
-    // `.synod/` (temp files of every placement, our state) is unwatched:
-    // its events would all be dropped above, and they outnumber the rest.
-    // Made first, so it is not left to be watched when it appears.
-    let own = fsutil::tmp_dir(folder);
-    std::fs::create_dir_all(&own).map_err(notify::Error::io)?;
     w.watch(folder, notify::RecursiveMode::Recursive)?;
-    if let Some(own) = own.parent() {
-        // Still watched if this fails: only slower.
-        if let Err(e) = w.unwatch(own) {
-            debug!(cause = %e, "our state directory stays watched");
-        }
+    // Its events would all be dropped above, and they outnumber the rest.
+    // Still watched if this fails: only slower.
+    if let Err(e) = w.unwatch(&unwatched) {
+        debug!(cause = %e, "our state directory stays watched");
     }
     Ok(w)
 }
