@@ -295,11 +295,21 @@ impl BenchCluster {
         );
         let mut apis = Vec::new();
         let mut folders = Vec::new();
+        // The kernel may hand out one number twice; a configuration must not name it twice.
+        let mut given = std::collections::BTreeSet::new();
+        let mut fresh = |bind: &dyn Fn() -> std::io::Result<u16>| -> Result<u16> {
+            loop {
+                let port = bind().context("binding a loopback port")?;
+                if given.insert(port) {
+                    return Ok(port);
+                }
+            }
+        };
         for id in 1..=3u64 {
-            let udp = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+            let udp = fresh(&|| Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()))?;
             let api = format!(
                 "127.0.0.1:{}",
-                TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()
+                fresh(&|| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))?
             );
             text.push_str(&format!(
                 "[[node]]\nid = {id}\naddress = \"127.0.0.1:{udp}\"\napi = \"{api}\"\n"

@@ -137,12 +137,20 @@ pub fn run_bounded(command: Command, limit: Duration, log: &Path) -> Result<(Exi
     Ok((status, text))
 }
 
-/// A loopback TCP port free right now.
+/// A loopback TCP port free right now and not handed out before by this
+/// process: the kernel may give one number twice in a row.
 pub fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")
-        .context("binding a loopback port")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .context("binding a loopback port")?
+            .local_addr()?
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// First line `program args` prints, or why it could not run.

@@ -2,9 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -24,20 +26,25 @@ pub struct TestCluster {
     children: Vec<Option<Child>>,
 }
 
+/// A loopback port free right now and not handed out before in this
+/// process: the kernel may give the same number twice in a row, and one
+/// configuration must not name a port twice.
+fn free_port(bind: impl Fn() -> std::io::Result<u16>) -> u16 {
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    loop {
+        let port = bind().unwrap();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
 fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|| Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()))
 }
 
 fn free_tcp_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    free_port(|| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
 }
 
 impl TestCluster {
