@@ -182,7 +182,9 @@ impl<N: PeerNet> SyncNode<N> {
             holders,
             tombstone: false,
         };
-        let answer = self.propose(Command::put(path, entry, meta.expect)).await;
+        let answer = self
+            .propose_with_parents(path, Command::put(path, entry, meta.expect))
+            .await;
         match self.answer_to_version(path, answer) {
             Ok(v) => {
                 // The materializer normally takes the temp file; if a newer
@@ -252,7 +254,7 @@ impl<N: PeerNet> SyncNode<N> {
             tombstone: false,
         };
         let answer = self
-            .propose(Command::put_inline(path, entry, meta.expect, data))
+            .propose_with_parents(path, Command::put_inline(path, entry, meta.expect, data))
             .await;
         self.answer_to_version(path, answer)
     }
@@ -270,7 +272,7 @@ impl<N: PeerNet> SyncNode<N> {
         expect_to: Expect,
     ) -> Result<u64, NodeError> {
         let answer = self
-            .propose(Command::rename(from, to, expect_from, expect_to))
+            .propose_with_parents(to, Command::rename(from, to, expect_from, expect_to))
             .await;
         self.answer_to_version(from, answer)
     }
@@ -772,33 +774,92 @@ impl<N: PeerNet> SyncNode<N> {
     /// under the same `rid` settles that, since a request id applies once
     /// and a retry gets the first answer.
     pub async fn propose_as(&self, rid: RequestId, cmd: Command) -> Result<Answer, NodeError> {
+        let mut answers = self.propose_all(vec![(rid, cmd)]).await?;
+        Ok(answers.remove(0))
+    }
+
+    /// Proposes `cmd`, which writes `path`, together with a `Directory`
+    /// entry for each parent of `path` this node knows no live entry of;
+    /// answers `cmd`'s answer. The writer names the directories its file
+    /// needs: otherwise every node's scanner would find them new once the
+    /// file is placed, and all would race to commit them. A parent
+    /// committed meanwhile by someone else answers a conflict, ignored.
+    async fn propose_with_parents(&self, path: &NsPath, cmd: Command) -> Result<Answer, NodeError> {
+        let mut commands = Vec::new();
+        let view = self.reader.view();
+        let text = path.as_str();
+        for (i, _) in text.match_indices('/') {
+            let Ok(parent) = NsPath::parse(&text[..i]) else {
+                continue;
+            };
+            let expect = match view.get(&parent) {
+                Ok(None) => Expect::Absent,
+                Ok(Some(e)) if !e.is_live() => Expect::Version(e.version),
+                // Already there, or unreadable: the scanner's business.
+                _ => continue,
+            };
+            let entry = Entry {
+                kind: EntryKind::Directory,
+                size: 0,
+                root: synod_chunker::chunk_slice_scaled(&[], self.params).root(),
+                mode: 0o755,
+                mtime_ns: 0,
+                version: 0,
+                origin: self.id,
+                holders: vec![self.id],
+                tombstone: false,
+            };
+            commands.push((
+                self.proposer.next_request_id(),
+                Command::put(&parent, entry, expect),
+            ));
+        }
+        commands.push((self.proposer.next_request_id(), cmd));
+        let mut answers = self.propose_all(commands).await?;
+        Ok(answers.pop().expect("one answer per command"))
+    }
+
+    /// Proposes `commands` together (one forward, one log entry when the
+    /// leader's group commit allows), each under its own request id; one
+    /// answer per command, in order. Retried whole, as [`Self::propose_as`].
+    pub async fn propose_all(
+        &self,
+        commands: Vec<(RequestId, Command)>,
+    ) -> Result<Vec<Answer>, NodeError> {
         let _latency = self.metrics.commit_latency.timer();
         let deadline = Instant::now() + self.write_timeout;
         let mut last_error = String::from("no leader elected");
+        let n = commands.len();
         loop {
             let leader = self.raft.metrics().borrow().current_leader;
             match leader {
                 Some(l) if l == self.id => {
                     // Bounded: a proposal stuck behind a lost leadership is
                     // retried under the same request id, which applies once.
-                    let proposal = self.proposer.propose_with_id(rid, cmd.clone());
-                    match tokio::time::timeout_at(deadline, proposal).await {
-                        Ok(Ok(answer)) => return Ok(answer),
-                        Ok(Err(e)) => last_error = format!("{e}"),
+                    let proposals = futures::future::join_all(
+                        commands
+                            .iter()
+                            .map(|(rid, cmd)| self.proposer.propose_with_id(*rid, cmd.clone())),
+                    );
+                    match tokio::time::timeout_at(deadline, proposals).await {
+                        Ok(answers) => match answers.into_iter().collect::<Result<Vec<_>, _>>() {
+                            Ok(answers) => return Ok(answers),
+                            Err(e) => last_error = format!("{e}"),
+                        },
                         Err(_) => last_error = "proposal not answered in time".into(),
                     }
                 }
                 Some(l) => {
                     let req = Request {
-                        commands: vec![(rid, cmd.clone())],
+                        commands: commands.clone(),
                     };
                     match self.net.forward(l, req).await {
-                        Ok(ForwardOutcome::Done(mut resp)) if resp.answers.len() == 1 => {
-                            return Ok(resp.answers.remove(0))
+                        Ok(ForwardOutcome::Done(resp)) if resp.answers.len() == n => {
+                            return Ok(resp.answers)
                         }
                         Ok(ForwardOutcome::Done(resp)) => {
                             return Err(NodeError::Internal(format!(
-                                "leader sent {} answers for one command",
+                                "leader sent {} answers for {n} commands",
                                 resp.answers.len()
                             )))
                         }

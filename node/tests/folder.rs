@@ -543,3 +543,42 @@ fn files_placed_by_sync_wake_no_scan_but_a_file_moved_onto_them_does() {
         c.must_see_file(id, "p4.txt", b"written in place\n");
     }
 }
+
+/// A file written through the API into directories nobody has yet: its
+/// writer commits the directories with it, so the scanners, which find
+/// them on disk once the file is placed, have nothing left to commit and
+/// do not race each other for them.
+#[test]
+fn a_write_into_new_directories_commits_them_with_the_file() {
+    let c = cluster();
+    let written = c.client(2).put("new/deep/f.txt", &b"hi"[..], None).unwrap();
+    let version = written["version"].as_u64().unwrap();
+    for id in 1..=3 {
+        c.must_see_file(id, "new/deep/f.txt", b"hi");
+    }
+    // Two scans on every node after the placement.
+    let scans = |id| c.metrics(id)["scans_completed"].as_u64().unwrap();
+    let before: Vec<u64> = (1..=3).map(scans).collect();
+    c.must_retry("two more scans on every node", || {
+        match (1..=3).find(|&id| scans(id) < before[id - 1] + 2) {
+            None => Ok(()),
+            Some(id) => Err(io(format!("node {id} has not scanned twice yet"))),
+        }
+    });
+    for dir in ["new", "new/deep"] {
+        let e = c.client(1).stat(dir).unwrap();
+        assert_eq!(e["kind"], "directory", "{dir}: {e}");
+        assert_eq!(e["origin"], 2, "{dir} is committed by the writer: {e}");
+        assert!(
+            e["version"].as_u64().unwrap() <= version,
+            "{dir} is committed with the file, not after it by a scanner: {e}"
+        );
+    }
+    for id in 1..=3 {
+        let log = c.log(id);
+        assert!(
+            !log.contains("directory lost a race"),
+            "node {id} raced for a directory:\n{log}"
+        );
+    }
+}
