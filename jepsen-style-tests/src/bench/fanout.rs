@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use super::dataset::{drop_into, link_files, verify_folder, Dataset, BIG};
 use super::procs::Procs;
 use super::rsync::{self, Transfer};
-use super::{remove_data, synod, Measurement, Plan, Unit, CASE_FANOUT};
+use super::{empty_data, synod, Measurement, Plan, Unit, CASE_FANOUT};
 use crate::cluster::NetMode;
 use crate::netns;
 
@@ -92,7 +92,7 @@ pub fn run_once(
                 rsync_fanout(&dir, plan, data, &expected, n)
             }
         })();
-        remove_data(&dir);
+        empty_data(&dir);
         let time = result.with_context(|| format!("case 3 with {tool}"))?;
         Measurement::record(
             out,

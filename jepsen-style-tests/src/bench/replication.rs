@@ -14,7 +14,7 @@ use super::dataset::{drop_into, verify_folder, Dataset, Edited, Expected};
 use super::procs::{free_port, Procs};
 use super::rsync::{self, Transfer};
 use super::syncthing::SyncthingCluster;
-use super::{remove_data, synod, Measurement, Plan, Unit, CASE_DELTA, CASE_INITIAL};
+use super::{empty_data, synod, Measurement, Plan, Unit, CASE_DELTA, CASE_INITIAL};
 
 pub const SYNOD: &str = synod::NAME;
 pub const RSYNC_FSYNC: &str = "rsync --fsync";
@@ -76,7 +76,7 @@ pub fn run_once(
             _ => syncthing_phases(&dir, plan, data, edited),
         }
         .with_context(|| format!("cases 1 and 2 with {tool}"));
-        remove_data(&dir);
+        empty_data(&dir);
         let [initial, delta] = result?;
         record(out, CASE_INITIAL, tool, &initial);
         record(out, CASE_DELTA, tool, &delta);
