@@ -454,6 +454,7 @@ pub fn clean(out: &Path) -> Vec<String> {
 /// (`recently_deleted` in `fs/ext4/ialloc.c`): deleting one run's 90,000
 /// small files made each file the next tool created cost a scan of them.
 pub fn empty_data(dir: &Path) {
+    use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
     };
@@ -464,6 +465,11 @@ pub fn empty_data(dir: &Path) {
         let p = e.path();
         match e.file_type() {
             Ok(t) if t.is_dir() => empty_data(&p),
+            // A hard link to the dataset (node 1's source files) is only
+            // unlinked: the dataset still holds its inode, and its bytes.
+            Ok(t) if t.is_file() && std::fs::metadata(&p).is_ok_and(|m| m.nlink() > 1) => {
+                let _ = std::fs::remove_file(&p);
+            }
             Ok(t) if t.is_file() => {
                 if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&p) {
                     let _ = f.set_len(0);
@@ -543,18 +549,32 @@ mod tests {
     fn emptying_data_frees_bytes_but_no_inode_and_keeps_logs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        for f in ["logs/a.log", "node1/folder/x", "node1/logs/n.log"] {
+        for f in [
+            "logs/a.log",
+            "node1/folder/x",
+            "node1/logs/n.log",
+            "dataset/y",
+        ] {
             std::fs::create_dir_all(d.join(f).parent().expect("parent")).expect("mkdir");
             std::fs::write(d.join(f), b"bytes").expect("write");
         }
+        // A source file linked from the dataset into a node's folder.
+        std::fs::hard_link(d.join("dataset/y"), d.join("node1/folder/y")).expect("link");
+        let run = d.join("node1");
         let inode = |p: &str| {
             use std::os::unix::fs::MetadataExt;
             std::fs::metadata(d.join(p)).expect("still there").ino()
         };
         let before = inode("node1/folder/x");
-        empty_data(d);
+        empty_data(&run);
         assert_eq!(std::fs::read(d.join("node1/folder/x")).expect("kept"), b"");
         assert_eq!(inode("node1/folder/x"), before, "the same file, emptied");
+        assert!(!d.join("node1/folder/y").exists(), "a link is unlinked");
+        assert_eq!(
+            std::fs::read(d.join("dataset/y")).expect("dataset"),
+            b"bytes",
+            "the dataset keeps its bytes"
+        );
         assert_eq!(std::fs::read(d.join("logs/a.log")).expect("log"), b"bytes");
         assert_eq!(
             std::fs::read(d.join("node1/logs/n.log")).expect("log"),
