@@ -454,6 +454,17 @@ pub fn clean(out: &Path) -> Vec<String> {
 /// (`recently_deleted` in `fs/ext4/ialloc.c`): deleting one run's 90,000
 /// small files made each file the next tool created cost a scan of them.
 pub fn empty_data(dir: &Path) {
+    clear_data(dir, false);
+}
+
+/// Removes what a tool's run left under `dir`, except every `logs/`
+/// folder (at any depth) and what leads to it.
+pub fn remove_data(dir: &Path) {
+    clear_data(dir, true);
+}
+
+/// [`remove_data`] if `remove`, else [`empty_data`].
+fn clear_data(dir: &Path, remove: bool) {
     use std::os::unix::fs::MetadataExt;
     let Ok(entries) = std::fs::read_dir(dir) else {
         return;
@@ -464,10 +475,19 @@ pub fn empty_data(dir: &Path) {
         }
         let p = e.path();
         match e.file_type() {
-            Ok(t) if t.is_dir() => empty_data(&p),
+            Ok(t) if t.is_dir() => {
+                clear_data(&p, remove);
+                if remove {
+                    // Fails, as it should, where a `logs/` was kept.
+                    let _ = std::fs::remove_dir(&p);
+                }
+            }
+            _ if remove => {
+                let _ = std::fs::remove_file(&p);
+            }
             // A hard link to the dataset (node 1's source files) is only
             // unlinked: the dataset still holds its inode, and its bytes.
-            Ok(t) if t.is_file() && std::fs::metadata(&p).is_ok_and(|m| m.nlink() > 1) => {
+            Ok(t) if t.is_file() && e.metadata().is_ok_and(|m| m.nlink() > 1) => {
                 let _ = std::fs::remove_file(&p);
             }
             Ok(t) if t.is_file() => {
@@ -476,30 +496,6 @@ pub fn empty_data(dir: &Path) {
                 }
             }
             _ => {}
-        }
-    }
-}
-
-/// Removes what a tool's run left under `dir`, except every `logs/`
-/// folder (at any depth) and what leads to it.
-pub fn remove_data(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        if e.file_name() == "logs" {
-            continue;
-        }
-        let p = e.path();
-        match e.file_type() {
-            Ok(t) if t.is_dir() => {
-                remove_data(&p);
-                // Fails, as it should, where a `logs/` was kept.
-                let _ = std::fs::remove_dir(&p);
-            }
-            _ => {
-                let _ = std::fs::remove_file(&p);
-            }
         }
     }
 }
@@ -527,19 +523,25 @@ mod tests {
         }
     }
 
+    /// Writes `bytes` to each of `files` under `d`.
+    fn write_files(d: &Path, files: &[&str], bytes: &[u8]) {
+        for f in files {
+            std::fs::create_dir_all(d.join(f).parent().expect("parent")).expect("mkdir");
+            std::fs::write(d.join(f), bytes).expect("write");
+        }
+    }
+
     #[test]
     fn removing_data_keeps_logs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        for f in [
+        let files = [
             "logs/a.log",
             "node1/folder/x",
             "node1/logs/n.log",
             "stage/y",
-        ] {
-            std::fs::create_dir_all(d.join(f).parent().expect("parent")).expect("mkdir");
-            std::fs::write(d.join(f), b"x").expect("write");
-        }
+        ];
+        write_files(d, &files, b"x");
         remove_data(d);
         assert!(d.join("logs/a.log").exists() && d.join("node1/logs/n.log").exists());
         assert!(!d.join("node1/folder").exists() && !d.join("stage").exists());
@@ -549,15 +551,13 @@ mod tests {
     fn emptying_data_frees_bytes_but_no_inode_and_keeps_logs() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        for f in [
+        let files = [
             "logs/a.log",
             "node1/folder/x",
             "node1/logs/n.log",
             "dataset/y",
-        ] {
-            std::fs::create_dir_all(d.join(f).parent().expect("parent")).expect("mkdir");
-            std::fs::write(d.join(f), b"bytes").expect("write");
-        }
+        ];
+        write_files(d, &files, b"bytes");
         // A source file linked from the dataset into a node's folder.
         std::fs::hard_link(d.join("dataset/y"), d.join("node1/folder/y")).expect("link");
         let run = d.join("node1");

@@ -280,6 +280,30 @@ fn write_random(path: &Path, size: u64, rng: &mut StdRng) -> Result<()> {
     Ok(())
 }
 
+/// A socket type, for [`free_loopback_port`].
+#[derive(Debug, Clone, Copy)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+/// A loopback port free right now and not handed out before by this
+/// process (TCP and UDP alike): the kernel may give one number twice in a
+/// row, and one configuration must not name a port twice.
+pub fn free_loopback_port(proto: Proto) -> std::io::Result<u16> {
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> =
+        Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = match proto {
+            Proto::Tcp => TcpListener::bind("127.0.0.1:0")?.local_addr()?.port(),
+            Proto::Udp => UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port(),
+        };
+        if GIVEN.lock().expect("port set lock poisoned").insert(port) {
+            return Ok(port);
+        }
+    }
+}
+
 /// Three `synod run` children on loopback.
 struct BenchCluster {
     dir: PathBuf,
@@ -295,21 +319,11 @@ impl BenchCluster {
         );
         let mut apis = Vec::new();
         let mut folders = Vec::new();
-        // The kernel may hand out one number twice; a configuration must not name it twice.
-        let mut given = std::collections::BTreeSet::new();
-        let mut fresh = |bind: &dyn Fn() -> std::io::Result<u16>| -> Result<u16> {
-            loop {
-                let port = bind().context("binding a loopback port")?;
-                if given.insert(port) {
-                    return Ok(port);
-                }
-            }
-        };
         for id in 1..=3u64 {
-            let udp = fresh(&|| Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()))?;
+            let udp = free_loopback_port(Proto::Udp).context("binding a loopback port")?;
             let api = format!(
                 "127.0.0.1:{}",
-                fresh(&|| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))?
+                free_loopback_port(Proto::Tcp).context("binding a loopback port")?
             );
             text.push_str(&format!(
                 "[[node]]\nid = {id}\naddress = \"127.0.0.1:{udp}\"\napi = \"{api}\"\n"

@@ -788,6 +788,7 @@ impl<N: PeerNet> SyncNode<N> {
         let mut commands = Vec::new();
         let view = self.reader.view();
         let text = path.as_str();
+        let empty = synod_chunker::chunk_slice_scaled(&[], self.params).root();
         for (i, _) in text.match_indices('/') {
             let Ok(parent) = NsPath::parse(&text[..i]) else {
                 continue;
@@ -801,7 +802,7 @@ impl<N: PeerNet> SyncNode<N> {
             let entry = Entry {
                 kind: EntryKind::Directory,
                 size: 0,
-                root: synod_chunker::chunk_slice_scaled(&[], self.params).root(),
+                root: empty,
                 mode: 0o755,
                 mtime_ns: 0,
                 version: 0,

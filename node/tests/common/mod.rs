@@ -2,14 +2,12 @@
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
-use std::net::{TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use synod_node::bench::{free_loopback_port, Proto};
 use synod_node::client::{Client, ClientError};
 
 /// How long any convergence may take before a test gives up (a liveness
@@ -26,25 +24,12 @@ pub struct TestCluster {
     children: Vec<Option<Child>>,
 }
 
-/// A loopback port free right now and not handed out before in this
-/// process: the kernel may give the same number twice in a row, and one
-/// configuration must not name a port twice.
-fn free_port(bind: impl Fn() -> std::io::Result<u16>) -> u16 {
-    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
-    loop {
-        let port = bind().unwrap();
-        if GIVEN.lock().unwrap().insert(port) {
-            return port;
-        }
-    }
-}
-
 fn free_udp_port() -> u16 {
-    free_port(|| Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()))
+    free_loopback_port(Proto::Udp).unwrap()
 }
 
 fn free_tcp_port() -> u16 {
-    free_port(|| Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()))
+    free_loopback_port(Proto::Tcp).unwrap()
 }
 
 impl TestCluster {
