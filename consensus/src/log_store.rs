@@ -188,9 +188,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 .insert(key, bytes)
                 .map_err(|e| StorageIOError::write_logs(&e))?;
         }
-        // Tell openraft only once the entries are on disk.
-        let res = self.st.flush().await.map_err(std::io::Error::other);
-        callback.log_io_completed(res);
+        // Tell openraft only once the entries are on disk. The flush runs
+        // on its own: a leader sends the entries to its followers meanwhile.
+        self.st
+            .flush_then(move |res| callback.log_io_completed(res.map_err(std::io::Error::other)));
         Ok(())
     }
 

@@ -142,6 +142,35 @@ pub struct NodeStorage {
     /// The writes of the log entry being applied, as one value (see
     /// `state_machine::Writes`); in `sm_db`, so in the same sled log as `sm`.
     pub(crate) sm_redo: sled::Tree,
+    /// Test hook on the log's background flushes.
+    #[cfg(any(test, feature = "testing"))]
+    pub(crate) flush_hook: std::sync::Arc<FlushHook>,
+}
+
+/// Holds back the log's background flushes ([`NodeStorage::flush_then`])
+/// and counts those that completed: lets tests see what a node does while
+/// its own log write is still in flight.
+#[cfg(any(test, feature = "testing"))]
+#[derive(Debug, Default)]
+pub struct FlushHook {
+    delay_ms: std::sync::atomic::AtomicU64,
+    completed: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl FlushHook {
+    /// Every later background flush first sleeps `delay`.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay_ms.store(
+            delay.as_millis() as u64,
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+
+    /// Background flushes completed so far.
+    pub fn completed(&self) -> u64 {
+        self.completed.load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 impl NodeStorage {
@@ -228,7 +257,15 @@ impl NodeStorage {
             meta,
             sm,
             sm_redo,
+            #[cfg(any(test, feature = "testing"))]
+            flush_hook: Default::default(),
         })
+    }
+
+    /// See [`FlushHook`].
+    #[cfg(any(test, feature = "testing"))]
+    pub fn flush_hook(&self) -> &FlushHook {
+        &self.flush_hook
     }
 
     /// The node directory.
@@ -266,6 +303,25 @@ impl NodeStorage {
         tokio::task::spawn_blocking(move || sync_db(&db, &file))
             .await
             .map_err(|e| sled::Error::ReportableBug(format!("flush task: {e}")))?
+    }
+
+    /// [`NodeStorage::flush`] on a blocking thread; `done` gets its result.
+    pub(crate) fn flush_then(&self, done: impl FnOnce(Result<(), sled::Error>) + Send + 'static) {
+        let db = self.db.clone();
+        let file = self.db_file.clone();
+        #[cfg(any(test, feature = "testing"))]
+        let hook = self.flush_hook.clone();
+        tokio::task::spawn_blocking(move || {
+            #[cfg(any(test, feature = "testing"))]
+            std::thread::sleep(std::time::Duration::from_millis(
+                hook.delay_ms.load(std::sync::atomic::Ordering::SeqCst),
+            ));
+            let res = sync_db(&db, &file);
+            #[cfg(any(test, feature = "testing"))]
+            hook.completed
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            done(res)
+        });
     }
 
     /// [`NodeStorage::flush`] of both databases, on the calling thread.

@@ -433,3 +433,69 @@ async fn concurrent_writes_to_one_path_get_distinct_versions() -> anyhow::Result
     );
     Ok(())
 }
+
+/// The leader sends new entries to its followers while its own log write is
+/// still being flushed (the two overlap, as Raft allows), yet answers the
+/// write only once that flush is done: its own copy counts towards the
+/// quorum only when durable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_replicates_while_its_own_flush_runs_and_answers_after_it() -> anyhow::Result<()> {
+    init_tracing();
+    let d = tempfile::tempdir()?;
+    let mut c = TestCluster::new(d.path(), TestCluster::fast_config())?;
+    let leader = c.start(&[1, 2, 3]).await?;
+    let pr = proposer_on(&c, leader);
+    must_put(&pr, "warm", 1, Expect::Absent).await;
+    let followers: Vec<u64> = [1, 2, 3].into_iter().filter(|&i| i != leader).collect();
+    let last = c
+        .node(leader)?
+        .log
+        .read_entries(..)?
+        .last()
+        .map(|e| e.log_id.index);
+    let last = last.expect("the leader's log holds entries");
+
+    let hook = c.node(leader)?.log.storage().flush_hook();
+    let flushed_before = hook.completed();
+    hook.set_delay(Duration::from_secs(2));
+    let write = tokio::spawn({
+        let pr = pr.clone();
+        async move {
+            pr.propose(Command::put(&p("slow"), file(2), Expect::Absent))
+                .await
+        }
+    });
+
+    // Both followers get the entry while the leader is still flushing it.
+    let deadline = tokio::time::Instant::now() + T;
+    loop {
+        let mut held = 0;
+        for f in &followers {
+            let tail = c.node(*f)?.log.read_entries(last + 1..)?;
+            held += usize::from(!tail.is_empty());
+        }
+        if held == followers.len() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "followers never got the entry"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        hook.completed(),
+        flushed_before,
+        "the followers got the entry only after the leader's flush"
+    );
+    assert!(!write.is_finished(), "answered before the leader's flush");
+
+    let answer = write.await??;
+    assert!(matches!(answer, Answer::Ok { .. }), "{answer:?}");
+    assert!(
+        hook.completed() > flushed_before,
+        "answered before the leader's own flush completed"
+    );
+    hook.set_delay(Duration::ZERO);
+    Ok(())
+}
