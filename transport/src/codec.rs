@@ -309,6 +309,34 @@ where
     T: DeserializeOwned,
     R: AsyncRead + Unpin,
 {
+    match read_next_frame(io, protocol, direction, limit, metrics).await? {
+        Some(msg) => Ok(msg),
+        None => {
+            let err = CodecError::Truncated {
+                protocol,
+                direction,
+                got: 0,
+                expected: HEADER_LEN,
+            };
+            metrics.count(&err);
+            Err(io::Error::new(io::ErrorKind::InvalidData, err))
+        }
+    }
+}
+
+/// [`read_frame`] of a stream that carries frames one after another:
+/// `None` if it ends cleanly before the next frame.
+pub async fn read_next_frame<T, R>(
+    io: &mut R,
+    protocol: &'static str,
+    direction: Direction,
+    limit: usize,
+    metrics: &CodecMetrics,
+) -> io::Result<Option<T>>
+where
+    T: DeserializeOwned,
+    R: AsyncRead + Unpin,
+{
     let reject = |err: CodecError| {
         metrics.count(&err);
         io::Error::new(io::ErrorKind::InvalidData, err)
@@ -322,8 +350,10 @@ where
         })
     };
     let mut header = [0u8; HEADER_LEN];
-    if let Err(got) = fill(io, &mut header).await? {
-        return Err(truncated(got, HEADER_LEN));
+    match fill(io, &mut header).await? {
+        Ok(()) => {}
+        Err(0) => return Ok(None),
+        Err(got) => return Err(truncated(got, HEADER_LEN)),
     }
     let len = check_header(header, protocol, direction, limit).map_err(reject)?;
     // The claim is already within this type's hard limit, so reserving it is
@@ -336,7 +366,9 @@ where
     metrics
         .bytes_in
         .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
-    decode_shared(&Bytes::from(body), protocol, direction, limit).map_err(reject)
+    decode_shared(&Bytes::from(body), protocol, direction, limit)
+        .map(Some)
+        .map_err(reject)
 }
 
 /// Fills `buf` from `io`; `Ok(Err(got))` if the stream ended after `got` bytes.

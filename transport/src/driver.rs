@@ -22,11 +22,26 @@ use crate::messages::{
     MAX_CHUNK_BATCH_BYTES, MAX_DELTA_QUERIES, MAX_MISSING_QUERY, MAX_TREE_NODES,
 };
 use crate::metrics::TransportMetrics;
+use crate::raft_stream::RaftStreams;
 use crate::services::Services;
 use crate::swarm::{Behaviour, BehaviourEvent, TransportConfig};
 
 /// Where inbound Raft RPCs go; empty until the node registers its Raft.
 pub(crate) type RaftSlot = Arc<RwLock<Option<SynodRaft>>>;
+
+/// `raft`'s answer to an inbound Raft RPC.
+pub(crate) async fn answer_raft(raft: Option<SynodRaft>, req: RaftRequest) -> RaftResponse {
+    match raft {
+        None => RaftResponse::NoRaft,
+        Some(raft) => match req {
+            RaftRequest::Vote(v) => RaftResponse::Vote(raft.vote(v).await),
+            RaftRequest::Append(a) => RaftResponse::Append(raft.append_entries(a).await),
+            RaftRequest::Snapshot(s) => {
+                RaftResponse::Snapshot(raft.install_snapshot(s.into()).await)
+            }
+        },
+    }
+}
 
 /// Capacity of the queue of answers coming back from service tasks.
 const ANSWER_QUEUE: usize = 1024;
@@ -48,6 +63,7 @@ pub(crate) struct Driver {
     answers_rx: mpsc::Receiver<Answer>,
     services: Arc<dyn Services>,
     raft: RaftSlot,
+    raft_streams: Arc<RaftStreams>,
     metrics: Arc<TransportMetrics>,
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     raft_pending: Pending<RaftProtocol>,
@@ -62,6 +78,7 @@ impl Driver {
         commands: mpsc::Receiver<Command>,
         services: Arc<dyn Services>,
         raft: RaftSlot,
+        raft_streams: Arc<RaftStreams>,
         metrics: Arc<TransportMetrics>,
         config: &TransportConfig,
     ) -> Driver {
@@ -77,6 +94,7 @@ impl Driver {
             answers_rx,
             services,
             raft,
+            raft_streams,
             metrics,
             addresses,
             raft_pending: HashMap::new(),
@@ -229,9 +247,18 @@ impl Driver {
                 peer_id, endpoint, ..
             } => {
                 tracing::debug!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                self.raft_streams.set_connected(peer_id, true);
             }
-            SwarmEvent::ConnectionClosed { peer_id, cause, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                cause,
+                num_established,
+                ..
+            } => {
                 tracing::debug!(peer = %peer_id, cause = ?cause, "connection closed");
+                if num_established == 0 {
+                    self.raft_streams.set_connected(peer_id, false);
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 error,
@@ -270,17 +297,7 @@ impl Driver {
     fn serve_raft(&self, peer: PeerId, req: RaftRequest, ch: ResponseChannel<RaftResponse>) {
         let raft = self.raft.read().unwrap_or_else(|e| e.into_inner()).clone();
         self.spawn_answer(peer, RaftProtocol::NAME, async move {
-            let resp = match raft {
-                None => RaftResponse::NoRaft,
-                Some(raft) => match req {
-                    RaftRequest::Vote(v) => RaftResponse::Vote(raft.vote(v).await),
-                    RaftRequest::Append(a) => RaftResponse::Append(raft.append_entries(a).await),
-                    RaftRequest::Snapshot(s) => {
-                        RaftResponse::Snapshot(raft.install_snapshot(s.into()).await)
-                    }
-                },
-            };
-            Answer::Raft(ch, resp)
+            Answer::Raft(ch, answer_raft(raft, req).await)
         });
     }
 

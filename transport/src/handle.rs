@@ -25,6 +25,7 @@ use crate::messages::{
     MAX_CHUNKS_PER_REQUEST, MAX_DELTA_QUERIES, MAX_MISSING_QUERY, MAX_TREE_NODES,
 };
 use crate::metrics::TransportMetrics;
+use crate::raft_stream::{self, RaftStreams, RAFT_STREAM};
 use crate::services::Services;
 use crate::swarm::{build_swarm, SwarmError, TransportConfig};
 
@@ -95,6 +96,7 @@ pub struct TransportHandle {
     listen_addrs: Arc<Vec<Multiaddr>>,
     metrics: Arc<TransportMetrics>,
     raft: RaftSlot,
+    raft_streams: Arc<RaftStreams>,
     bulk: Arc<PeerSlots>,
     /// Forwarded writes and reads in flight per leader: below the
     /// receiver's inbound stream limit, beyond which libp2p drops the
@@ -180,7 +182,21 @@ pub async fn start_transport(
         per_peer: (config.max_concurrent_streams / 2).max(1),
         slots: Mutex::new(HashMap::new()),
     });
-    let driver = Driver::new(swarm, rx, services, raft.clone(), metrics.clone(), &config);
+    let mut control = swarm.behaviour().stream.new_control();
+    let incoming = control
+        .accept(RAFT_STREAM)
+        .map_err(|e| SwarmError::Build(format!("raft streams: {e}")))?;
+    raft_stream::serve(incoming, raft.clone(), metrics.clone());
+    let raft_streams = Arc::new(RaftStreams::new(control));
+    let driver = Driver::new(
+        swarm,
+        rx,
+        services,
+        raft.clone(),
+        raft_streams.clone(),
+        metrics.clone(),
+        &config,
+    );
     let task = tokio::spawn(driver.run());
     let handle = TransportHandle {
         commands: tx,
@@ -188,6 +204,7 @@ pub async fn start_transport(
         listen_addrs: Arc::new(listen_addrs),
         metrics,
         raft,
+        raft_streams,
         bulk,
         forwards,
     };
@@ -265,12 +282,20 @@ impl TransportHandle {
         rx.await.map_err(|_| RequestError::Shutdown)?
     }
 
-    /// Sends one Raft RPC to `peer`.
+    /// Sends one Raft RPC to `peer`: over a kept stream when connected
+    /// (see `raft_stream`), else by request_response.
     pub async fn raft_request(
         &self,
         peer: PeerId,
         request: RaftRequest,
     ) -> Result<RaftResponse, RequestError> {
+        if let Some(answer) = self
+            .raft_streams
+            .request(peer, &request, &self.metrics)
+            .await
+        {
+            return answer;
+        }
         self.call::<RaftProtocol>(|tx| Command::Raft(peer, request, tx))
             .await
     }

@@ -15,6 +15,7 @@
 //! - [`handle`]: `TransportHandle`, `start_transport`, `RequestError`.
 //! - [`services`]: the `Services` trait a node implements to serve peers.
 //! - [`raft_network`]: openraft's network over the handle.
+//! - `raft_stream`: Raft RPCs over kept streams of a connection.
 //! - [`remote_tree`]: a peer's Merkle tree as a `TreeSource`, remote diff.
 
 pub mod codec;
@@ -24,6 +25,7 @@ pub mod identity;
 pub mod messages;
 pub mod metrics;
 pub mod raft_network;
+mod raft_stream;
 pub mod remote_tree;
 pub mod services;
 pub mod swarm;

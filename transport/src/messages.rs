@@ -53,6 +53,10 @@ pub trait WireProtocol: Send + Sync + 'static {
 /// `/synod/raft/1`: openraft's RPCs.
 #[derive(Debug, Clone, Copy)]
 pub struct RaftProtocol;
+/// Raft RPCs over kept streams: the frames of [`RaftProtocol`], one request
+/// and then its answer at a time, on a stream that carries many.
+pub const RAFT_STREAM_PROTOCOL: &str = "/synod/raft-stream/1";
+
 impl WireProtocol for RaftProtocol {
     const NAME: &'static str = "/synod/raft/1";
     // AppendEntries is bounded by openraft's `max_payload_entries`; a snapshot

@@ -1,6 +1,8 @@
-//! Counters a node exports: rejected frames and peers that misbehaved.
+//! Counters a node exports: rejected frames, peers that misbehaved, Raft
+//! RPCs sent over kept streams.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
@@ -13,6 +15,8 @@ use crate::codec::CodecMetrics;
 pub struct TransportMetrics {
     /// Frames rejected by the codec.
     pub codec: Arc<CodecMetrics>,
+    /// Raft RPCs this node sent and got answered over a kept stream.
+    pub raft_stream_rpcs: AtomicU64,
     reports: Mutex<HashMap<PeerId, u64>>,
 }
 

@@ -97,6 +97,8 @@ pub(crate) struct Behaviour {
     pub(crate) tree: request_response::Behaviour<WireCodec<TreeProtocol>>,
     pub(crate) chunks: request_response::Behaviour<WireCodec<ChunkProtocol>>,
     pub(crate) forward: request_response::Behaviour<WireCodec<ForwardProtocol>>,
+    /// Raft RPCs over kept streams (see `raft_stream`).
+    pub(crate) stream: libp2p_stream::Behaviour,
 }
 
 fn protocol<P: WireProtocol>(
@@ -151,6 +153,7 @@ pub(crate) fn build_swarm(
                 tree: protocol::<TreeProtocol>(metrics, config.tree_timeout, streams),
                 chunks: protocol::<ChunkProtocol>(metrics, config.chunk_timeout, streams),
                 forward: protocol::<ForwardProtocol>(metrics, config.forward_timeout, streams),
+                stream: libp2p_stream::Behaviour::new(),
             }
         })
         .map_err(|e| SwarmError::Build(e.to_string()))?

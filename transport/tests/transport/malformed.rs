@@ -77,13 +77,26 @@ fn raw(name: &'static str) -> request_response::Behaviour<RawCodec> {
     )
 }
 
-#[tokio::test]
-async fn malformed_and_oversized_frames_end_the_request_and_are_counted() {
+/// Node `a`, holding one chunk, and a member meshed with it.
+async fn must_start_served_pair() -> (TestNode, TestNode, synod_merkle::Hash) {
     init_tracing();
     let a = must_start_node(local_config()).await;
     let member = must_start_node(local_config()).await;
     must_mesh(&[&a, &member]).await;
     let id = a.services.add_chunk(b"still here".to_vec());
+    (a, member, id)
+}
+
+/// After the bad frames, `a` still serves its member.
+async fn must_still_serve(a: &TestNode, member: &TestNode, id: synod_merkle::Hash) {
+    tracing::info!("--- the node keeps serving its members");
+    let got = member.handle.fetch_chunks(a.peer, &[id]).await.unwrap();
+    assert_eq!(got, vec![Some(Bytes::from_static(b"still here"))]);
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_frames_end_the_request_and_are_counted() {
+    let (a, member, id) = must_start_served_pair().await;
 
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
@@ -163,7 +176,63 @@ async fn malformed_and_oversized_frames_end_the_request_and_are_counted() {
     assert_eq!(after.oversized - before.oversized, 4, "{after:?}");
     assert_eq!(after.malformed - before.malformed, 5, "{after:?}");
 
-    tracing::info!("--- the node keeps serving its members");
-    let got = member.handle.fetch_chunks(a.peer, &[id]).await.unwrap();
-    assert_eq!(got, vec![Some(Bytes::from_static(b"still here"))]);
+    must_still_serve(&a, &member, id).await;
+}
+
+#[tokio::test]
+async fn a_malformed_frame_on_a_raft_stream_ends_it_and_reports_the_peer() {
+    use synod_transport::messages::RAFT_STREAM_PROTOCOL;
+    let (a, member, id) = must_start_served_pair().await;
+
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let raw_peer = *swarm.local_peer_id();
+    // A member with a bug, not a stranger: it is allowed.
+    a.handle
+        .set_allowed_peers([member.peer, raw_peer])
+        .await
+        .unwrap();
+    let mut control = swarm.behaviour().new_control();
+    swarm
+        .dial(
+            a.addr
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(a.peer)),
+        )
+        .unwrap();
+    let drive = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let before = a.handle.metrics().codec.snapshot();
+    let garbage = [0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff];
+    let mut stream = tokio::time::timeout(
+        Duration::from_secs(10),
+        control.open_stream(a.peer, StreamProtocol::new(RAFT_STREAM_PROTOCOL)),
+    )
+    .await
+    .expect("stream opened in time")
+    .expect("stream opened");
+    stream.write_all(&garbage).await.unwrap();
+    stream.flush().await.unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the node ends the stream");
+    assert!(
+        answer.is_empty(),
+        "a malformed frame got an answer: {answer:?} ({read:?})"
+    );
+    let after = a.handle.metrics().codec.snapshot();
+    assert_eq!(after.malformed - before.malformed, 1, "{after:?}");
+    assert_eq!(a.handle.metrics().reports_of(&raw_peer), 1);
+
+    must_still_serve(&a, &member, id).await;
+    drive.abort();
 }

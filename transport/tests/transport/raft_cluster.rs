@@ -110,6 +110,17 @@ async fn three_nodes_elect_commit_forward_and_fail_over() {
             .unwrap();
         must_ok(&r.data.answers);
     }
+    // Once connected, the leader's RPCs travel over kept streams.
+    let over_streams = nodes[&leader]
+        .net
+        .handle
+        .metrics()
+        .raft_stream_rpcs
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        over_streams >= 20,
+        "{over_streams} raft RPCs of the leader went over kept streams"
+    );
 
     tracing::info!("--- a follower forwards a write to the leader");
     let follower = *nodes.keys().find(|id| **id != leader).unwrap();
