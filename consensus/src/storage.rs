@@ -313,9 +313,10 @@ impl NodeStorage {
         let hook = self.flush_hook.clone();
         tokio::task::spawn_blocking(move || {
             #[cfg(any(test, feature = "testing"))]
-            std::thread::sleep(std::time::Duration::from_millis(
-                hook.delay_ms.load(std::sync::atomic::Ordering::SeqCst),
-            ));
+            match hook.delay_ms.load(std::sync::atomic::Ordering::SeqCst) {
+                0 => {}
+                ms => std::thread::sleep(std::time::Duration::from_millis(ms)),
+            }
             let res = sync_db(&db, &file);
             #[cfg(any(test, feature = "testing"))]
             hook.completed
