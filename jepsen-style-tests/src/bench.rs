@@ -523,25 +523,22 @@ mod tests {
         }
     }
 
-    /// Writes `bytes` to each of `files` under `d`.
-    fn write_files(d: &Path, files: &[&str], bytes: &[u8]) {
-        for f in files {
-            std::fs::create_dir_all(d.join(f).parent().expect("parent")).expect("mkdir");
-            std::fs::write(d.join(f), bytes).expect("write");
+    /// A run directory of a logs folder, a node's folder and logs, and
+    /// `other`, each file holding `bytes`.
+    fn run_tree(other: &str, bytes: &[u8]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in ["logs/a.log", "node1/folder/x", "node1/logs/n.log", other] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(p, bytes).expect("write");
         }
+        dir
     }
 
     #[test]
     fn removing_data_keeps_logs() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = run_tree("stage/y", b"x");
         let d = dir.path();
-        let files = [
-            "logs/a.log",
-            "node1/folder/x",
-            "node1/logs/n.log",
-            "stage/y",
-        ];
-        write_files(d, &files, b"x");
         remove_data(d);
         assert!(d.join("logs/a.log").exists() && d.join("node1/logs/n.log").exists());
         assert!(!d.join("node1/folder").exists() && !d.join("stage").exists());
@@ -549,15 +546,8 @@ mod tests {
 
     #[test]
     fn emptying_data_frees_bytes_but_no_inode_and_keeps_logs() {
-        let dir = tempfile::tempdir().expect("tempdir");
+        let dir = run_tree("dataset/y", b"bytes");
         let d = dir.path();
-        let files = [
-            "logs/a.log",
-            "node1/folder/x",
-            "node1/logs/n.log",
-            "dataset/y",
-        ];
-        write_files(d, &files, b"bytes");
         // A source file linked from the dataset into a node's folder.
         std::fs::hard_link(d.join("dataset/y"), d.join("node1/folder/y")).expect("link");
         let run = d.join("node1");

@@ -788,7 +788,8 @@ impl<N: PeerNet> SyncNode<N> {
         let mut commands = Vec::new();
         let view = self.reader.view();
         let text = path.as_str();
-        let empty = synod_chunker::chunk_slice_scaled(&[], self.params).root();
+        // Needed only when a parent is missing, at most once per write.
+        let mut empty = None;
         for (i, _) in text.match_indices('/') {
             let Ok(parent) = NsPath::parse(&text[..i]) else {
                 continue;
@@ -802,7 +803,9 @@ impl<N: PeerNet> SyncNode<N> {
             let entry = Entry {
                 kind: EntryKind::Directory,
                 size: 0,
-                root: empty,
+                root: *empty.get_or_insert_with(|| {
+                    synod_chunker::chunk_slice_scaled(&[], self.params).root()
+                }),
                 mode: 0o755,
                 mtime_ns: 0,
                 version: 0,
