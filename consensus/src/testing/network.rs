@@ -35,6 +35,9 @@ struct Faults {
 struct State {
     nodes: HashMap<NodeId, SynodRaft>,
     faults: Faults,
+    /// AppendEntries sent to each node with no entries (heartbeats and
+    /// commit-only updates).
+    entry_less_appends: HashMap<NodeId, u64>,
 }
 
 /// The in-memory network shared by all nodes of a test cluster.
@@ -95,6 +98,15 @@ impl Router {
     /// Delays every message by a uniform random time in `min..=max`.
     pub fn set_delay(&self, min: Duration, max: Duration) {
         self.lock().faults.delay = (max > Duration::ZERO).then_some((min, max.max(min)));
+    }
+
+    /// AppendEntries sent so far to `target` with no entries in them.
+    pub fn entry_less_appends(&self, target: NodeId) -> u64 {
+        self.lock()
+            .entry_less_appends
+            .get(&target)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Drops this fraction of messages (0.0–1.0).
@@ -209,6 +221,14 @@ impl RaftNetwork<TypeConfig> for Connection {
         rpc: AppendEntriesRequest<TypeConfig>,
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        if rpc.entries.is_empty() {
+            *self
+                .router
+                .lock()
+                .entry_less_appends
+                .entry(self.target)
+                .or_default() += 1;
+        }
         self.router
             .deliver(self.source, self.target, rpc, |r, q| async move {
                 r.append_entries(q).await

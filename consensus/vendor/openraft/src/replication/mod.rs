@@ -145,7 +145,16 @@ where
     /// Appropriate number of entries to send.
     /// This is only used by AppendEntries RPC.
     entries_hint: ReplicationHint,
+
+    /// When `committed` moved with nothing to send (synod patch): the new
+    /// committed index waits up to [`COMMIT_PIGGYBACK_WAIT`] to ride on the
+    /// next entries, so a commit-only RPC does not hold the one in-flight
+    /// slot when the next entries come.
+    commit_unsent_since: Option<InstantOf<C>>,
 }
+
+/// How long a commit-only update waits for entries to ride on (synod patch).
+const COMMIT_PIGGYBACK_WAIT: Duration = Duration::from_millis(2);
 
 impl<C, N, LS> ReplicationCore<C, N, LS>
 where
@@ -198,6 +207,7 @@ where
             weak_tx_event: tx_event.downgrade(),
             next_action: None,
             entries_hint: Default::default(),
+            commit_unsent_since: None,
         };
 
         let join_handle = C::AsyncRuntime::spawn(this.main().instrument(span));
@@ -217,6 +227,8 @@ where
                 self.drain_events_with_backoff().await?;
                 continue;
             };
+            // Every RPC carries the latest committed index.
+            self.commit_unsent_since = None;
 
             // Backup the log data for retrying.
             let mut log_data = None;
@@ -630,8 +642,19 @@ where
         // If there is next action to run, do not block waiting for events,
         // instead, just try the best to drain all events.
         if self.next_action.is_none() {
-            let event =
-                self.rx_event.recv().await.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
+            let recv = self.rx_event.recv();
+            let event = match self.commit_unsent_since.clone() {
+                None => recv.await,
+                Some(since) => match C::timeout_at(since + COMMIT_PIGGYBACK_WAIT, recv).await {
+                    Ok(event) => event,
+                    Err(_) => {
+                        // No entries came: send the committed index alone.
+                        self.next_action = Some(Data::new_heartbeat());
+                        return Ok(());
+                    }
+                },
+            };
+            let event = event.ok_or(ReplicationClosed::new("rx_repl is closed in drain_event()"))?;
             self.process_event(event);
         }
 
@@ -679,9 +702,10 @@ where
 
                 self.committed = c;
 
-                // If there is no action, fill in an heartbeat action to send committed index.
-                if self.next_action.is_none() {
-                    self.next_action = Some(Data::new_heartbeat());
+                // If there is no action, the committed index waits briefly for
+                // entries to ride on, then goes alone (synod patch).
+                if self.next_action.is_none() && self.commit_unsent_since.is_none() {
+                    self.commit_unsent_since = Some(C::now());
                 }
             }
             Replicate::Heartbeat => {
