@@ -23,7 +23,7 @@ use synod_transport::{
 };
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
-use tracing::{info, warn, Instrument};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::api::{self, ApiState};
 use crate::config::{ClusterConfig, NodeConfig};
@@ -709,6 +709,13 @@ impl Daemon {
         tasks.push(tokio::spawn(
             async move {
                 let app = api::router(state);
+                // Answers are small and each waits for its request: Nagle
+                // would only hold a response's tail back for an ACK.
+                let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        debug!(cause = %e, "TCP_NODELAY on an API connection");
+                    }
+                });
                 let served = axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         let _ = stop.recv().await;
