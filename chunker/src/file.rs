@@ -139,7 +139,9 @@ impl<'p> OpenedFile<'p> {
 /// that matches no version of the file. Changes that keep size, mtime and
 /// ctime identical (same clock tick) cannot be seen by any stat-based check.
 pub fn chunk_file(path: &Path, params: ChunkParams) -> Result<Manifest, ChunkFileError> {
-    chunk_file_with_hook(path, params, DEFAULT_BUFFER_SIZE, || {})
+    let opened = OpenedFile::open(path)?;
+    let buffer = buffer_for(opened.before.size);
+    chunk_opened(opened, params, buffer, || {})
 }
 
 /// [`chunk_file`] with the cluster's `base` parameters scaled to the file's
@@ -148,11 +150,20 @@ pub fn chunk_file(path: &Path, params: ChunkParams) -> Result<Manifest, ChunkFil
 pub fn chunk_file_scaled(path: &Path, base: ChunkParams) -> Result<Manifest, ChunkFileError> {
     let opened = OpenedFile::open(path)?;
     let params = base.for_size(opened.before.size);
-    chunk_opened(opened, params, DEFAULT_BUFFER_SIZE, || {})
+    let buffer = buffer_for(opened.before.size);
+    chunk_opened(opened, params, buffer, || {})
+}
+
+/// The read buffer for a file of `size` bytes: no larger than the file (the
+/// cursor raises it to what the chunk sizes need). A fresh 4 MiB buffer
+/// zeroed for each of thousands of small files cost more than chunking them.
+fn buffer_for(size: u64) -> usize {
+    usize::try_from(size).map_or(DEFAULT_BUFFER_SIZE, |s| s.min(DEFAULT_BUFFER_SIZE))
 }
 
 /// [`chunk_file`] with a chosen buffer and a hook run once, after the first
 /// read returned data (tests modify the file there, deterministically).
+#[cfg(test)]
 pub(crate) fn chunk_file_with_hook(
     path: &Path,
     params: ChunkParams,
@@ -316,6 +327,29 @@ mod tests {
             assert_eq!(
                 chunk_file(&path, p).expect("chunk edge file"),
                 chunk_slice(&data, p)
+            );
+        }
+    }
+
+    #[test]
+    fn scaled_chunking_reads_through_a_buffer_sized_to_the_file() {
+        // Below, at and above the 4 MiB cap of the read buffer.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let base = ChunkParams::default();
+        for (seed, len) in [
+            (1, 10_000),
+            (2, 300_000),
+            (3, DEFAULT_BUFFER_SIZE),
+            (4, 5 << 20),
+        ] {
+            assert!(buffer_for(len as u64) <= DEFAULT_BUFFER_SIZE);
+            let data = pseudo_random(seed, len);
+            let path = must_write(dir.path(), OsStr::new("sized"), &data);
+            let m = chunk_file_scaled(&path, base).expect("chunk");
+            assert_eq!(
+                m,
+                chunk_slice(&data, base.for_size(len as u64)),
+                "len {len}"
             );
         }
     }

@@ -85,6 +85,30 @@ struct Slot {
     len: u32,
 }
 
+/// Staged files opened by [`Staging::get_into`], by pack number and kind.
+#[derive(Debug, Default)]
+pub struct OpenPacks(HashMap<(u64, bool), std::fs::File>);
+
+impl OpenPacks {
+    /// Appends `len` bytes at `offset` of the file `path()` names to `out`.
+    fn read_at(
+        &mut self,
+        path: impl FnOnce() -> PathBuf,
+        key: (u64, bool),
+        offset: u64,
+        len: usize,
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
+        let f = match self.0.entry(key) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(std::fs::File::open(path())?),
+        };
+        let start = out.len();
+        out.resize(start + len, 0);
+        f.read_exact_at(&mut out[start..], offset)
+    }
+}
+
 #[derive(Debug)]
 struct Pack {
     /// Chunks of this pack still indexed (a chunk held twice is indexed once).
@@ -729,10 +753,19 @@ impl Staging {
     /// The bytes of chunk `id`, if staged and intact. A staged chunk whose
     /// bytes do not hash to its id is forgotten, never returned.
     pub fn get(&self, id: &Hash) -> io::Result<Option<Vec<u8>>> {
+        let mut out = Vec::new();
+        let found = self.get_into(id, &mut out, &mut OpenPacks::default())?;
+        Ok(found.then_some(out))
+    }
+
+    /// [`Staging::get`] appending to `out` (left as it was if the chunk is
+    /// not there), with the files it opens kept in `open`: assembling a
+    /// file reads many chunks from a few packs, into one reused buffer.
+    pub fn get_into(&self, id: &Hash, out: &mut Vec<u8>, open: &mut OpenPacks) -> io::Result<bool> {
         let (slot, staged_file) = {
             let index = self.lock();
             let Some(slot) = index.chunks.get(id).copied() else {
-                return Ok(None);
+                return Ok(false);
             };
             let staged_file = index
                 .packs
@@ -740,28 +773,39 @@ impl Staging {
                 .is_some_and(|p| p.file_of.is_some());
             (slot, staged_file)
         };
-        let read = std::fs::File::open(self.data_path(slot.pack, staged_file))
-            .and_then(|f| crate::fsutil::read_exact_at(&f, slot.offset, slot.len as usize));
-        let bytes = match read {
-            Ok(b) => b,
+        let start = out.len();
+        let read = open.read_at(
+            || self.data_path(slot.pack, staged_file),
+            (slot.pack, staged_file),
+            slot.offset,
+            slot.len as usize,
+            out,
+        );
+        match read {
+            Ok(()) => {}
             Err(e)
                 if matches!(
                     e.kind(),
                     io::ErrorKind::NotFound | io::ErrorKind::UnexpectedEof
                 ) =>
             {
+                out.truncate(start);
                 tracing::warn!(chunk = %id.fmt_short(), cause = %e, "staged chunk is gone; forgotten");
                 self.forget_in(id, slot.pack);
-                return Ok(None);
+                return Ok(false);
             }
-            Err(e) => return Err(e),
-        };
-        if Hash::of(&bytes) != *id {
+            Err(e) => {
+                out.truncate(start);
+                return Err(e);
+            }
+        }
+        if Hash::of(&out[start..]) != *id {
+            out.truncate(start);
             tracing::warn!(chunk = %id.fmt_short(), "staged chunk is corrupt; forgotten");
             self.forget_in(id, slot.pack);
-            return Ok(None);
+            return Ok(false);
         }
-        Ok(Some(bytes))
+        Ok(true)
     }
 
     /// Forgets chunk `id`; its pack goes with its last chunk.
@@ -965,6 +1009,31 @@ mod tests {
             Some(other),
             "its neighbour in the pack is intact"
         );
+    }
+
+    #[test]
+    fn chunks_read_into_one_buffer_and_a_corrupt_one_leaves_it_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path(), 1 << 20).unwrap();
+        let (a, b) = (b"first chunk".to_vec(), b"second chunk".to_vec());
+        let (ia, ib) = (Hash::of(&a), Hash::of(&b));
+        st.put_many(&[(ia, a.clone()), (ib, b.clone())]).unwrap();
+        let mut open = OpenPacks::default();
+        let mut out = b"prefix:".to_vec();
+        assert!(st.get_into(&ib, &mut out, &mut open).unwrap());
+        assert!(st.get_into(&ia, &mut out, &mut open).unwrap());
+        assert!(!st
+            .get_into(&Hash::of(b"absent"), &mut out, &mut open)
+            .unwrap());
+        assert_eq!(out, [&b"prefix:"[..], &b, &a].concat());
+        assert_eq!(open.0.len(), 1, "the pack was opened once");
+        let pack = only_pack(dir.path());
+        let f = std::fs::OpenOptions::new().write(true).open(&pack).unwrap();
+        f.write_all_at(b"X", (HEAD + 2 * SLOT) as u64).unwrap();
+        let before = out.clone();
+        assert!(!st.get_into(&ia, &mut out, &mut open).unwrap());
+        assert_eq!(out, before, "nothing of the corrupt chunk is appended");
+        assert!(!st.contains(&ia));
     }
 
     #[test]
