@@ -15,6 +15,7 @@ use synod_consensus::{
     Reader, Request, RequestId, Response, SynodRaft,
 };
 use synod_merkle::Hash;
+use synod_transport::buffers::Buffer;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -604,7 +605,7 @@ impl<N: PeerNet> SyncNode<N> {
                         }
                         let (_, f) = open.as_ref().expect("just opened");
                         let buf = read_chunk_at(f, &path, &c)?;
-                        Ok((c.id, Bytes::from(buf)))
+                        Ok((c.id, buf.into_bytes()))
                     })
                     .collect()
             })
@@ -1336,8 +1337,10 @@ fn push_batches(
 
 /// Chunk `c` of the file `f` at `path`, checked against its id: a file
 /// changed since it was chunked must not get this node reported by peers.
-fn read_chunk_at(f: &std::fs::File, path: &Path, c: &ChunkRef) -> Result<Vec<u8>, NodeError> {
-    let buf = crate::fsutil::read_exact_at(f, c.offset, c.len as usize)
+fn read_chunk_at(f: &std::fs::File, path: &Path, c: &ChunkRef) -> Result<Buffer, NodeError> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = Buffer::new(c.len as usize);
+    f.read_exact_at(&mut buf, c.offset)
         .map_err(|e| NodeError::Internal(format!("reading {}: {e}", path.display())))?;
     if Hash::of(&buf) != c.id {
         return Err(NodeError::Internal(format!(

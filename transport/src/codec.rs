@@ -19,6 +19,7 @@ use libp2p::StreamProtocol;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::buffers::Buffer;
 use crate::messages::WireProtocol;
 
 /// Length of the frame header.
@@ -357,16 +358,16 @@ where
     }
     let len = check_header(header, protocol, direction, limit).map_err(reject)?;
     // The claim is already within this type's hard limit, so reserving it is
-    // bounded. Read straight into the final buffer: futures' `read_to_end`
-    // zero-fills every growth step, which costs more than the copy itself.
-    let mut body = vec![0u8; len];
+    // bounded. Read straight into the final buffer (futures' `read_to_end`
+    // zero-fills every growth step), one kept for reuse (see `buffers`).
+    let mut body = Buffer::new(len);
     if let Err(got) = fill(io, &mut body).await? {
         return Err(truncated(got, len));
     }
     metrics
         .bytes_in
         .fetch_add((HEADER_LEN + len) as u64, Ordering::Relaxed);
-    decode_shared(&Bytes::from(body), protocol, direction, limit)
+    decode_shared(&body.into_bytes(), protocol, direction, limit)
         .map(Some)
         .map_err(reject)
 }

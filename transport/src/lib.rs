@@ -8,6 +8,7 @@
 //! Layout:
 //! - [`identity`]: load or create the node key (`node.key`, mode 0600).
 //! - [`messages`]: wire messages of each protocol and their hard limits.
+//! - [`buffers`]: byte buffers kept for reuse (frames, chunks read to push).
 //! - [`codec`]: framing, limits, decoding; the request_response codec.
 //! - [`metrics`]: counters of rejected frames and reported peers.
 //! - [`swarm`]: `TransportConfig`, the behaviour and the QUIC swarm.
@@ -18,6 +19,7 @@
 //! - `raft_stream`: Raft RPCs over kept streams of a connection.
 //! - [`remote_tree`]: a peer's Merkle tree as a `TreeSource`, remote diff.
 
+pub mod buffers;
 pub mod codec;
 mod driver;
 pub mod handle;
