@@ -22,7 +22,7 @@ use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
 use tracing::Instrument;
 
-use crate::codec::{read_frame, read_next_frame, write_frame, Direction};
+use crate::codec::{read_next_frame, write_frame, Direction};
 use crate::driver::{answer_raft, RaftSlot};
 use crate::handle::RequestError;
 use crate::messages::{
@@ -149,7 +149,7 @@ impl RaftStreams {
                 return None;
             }
         }
-        let answer = read_frame::<RaftResponse, _>(
+        let answer = read_next_frame::<RaftResponse, _>(
             &mut stream,
             RaftProtocol::NAME,
             Direction::Response,
@@ -158,7 +158,13 @@ impl RaftStreams {
         )
         .await;
         match answer {
-            Ok(resp) => {
+            // Closed before an answer (its connection being replaced, say):
+            // a dead stream, not a malformed answer.
+            Ok(None) => {
+                tracing::debug!(%peer, "raft stream closed before the answer");
+                None
+            }
+            Ok(Some(resp)) => {
                 metrics
                     .raft_stream_rpcs
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -236,3 +236,82 @@ async fn a_malformed_frame_on_a_raft_stream_ends_it_and_reports_the_peer() {
     must_still_serve(&a, &member, id).await;
     drive.abort();
 }
+
+#[tokio::test]
+async fn a_raft_stream_closed_without_an_answer_is_not_a_malformed_answer() {
+    use synod_transport::messages::{RaftRequest, RAFT_STREAM_PROTOCOL};
+    use synod_transport::RequestError;
+    let (a, member, _) = must_start_served_pair().await;
+
+    // A member whose Raft streams close before they answer (a connection
+    // being replaced does this): the RPC falls back to request_response.
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let raw_peer = *swarm.local_peer_id();
+    a.handle
+        .set_allowed_peers([member.peer, raw_peer])
+        .await
+        .unwrap();
+    let mut incoming = swarm
+        .behaviour()
+        .new_control()
+        .accept(StreamProtocol::new(RAFT_STREAM_PROTOCOL))
+        .unwrap();
+    let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
+    let closer = tokio::spawn(async move {
+        while let Some((_, mut stream)) = incoming.next().await {
+            let mut header = [0u8; 4];
+            let read = stream.read_exact(&mut header).await;
+            let _ = got_tx.send(read.is_ok());
+            let _ = stream.close().await;
+        }
+    });
+    swarm
+        .dial(
+            a.addr
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(a.peer)),
+        )
+        .unwrap();
+    let drive = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let vote = || {
+        RaftRequest::Vote(openraft::raft::VoteRequest::new(
+            openraft::Vote::new(1, 1),
+            None,
+        ))
+    };
+    // Until the node has seen the connection, the RPC goes by
+    // request_response alone; ask until a stream carried one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let answer = loop {
+        let answer = a.handle.raft_request(raw_peer, vote()).await;
+        if let Ok(true) = got_rx.try_recv() {
+            break answer;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no raft stream was opened"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        !matches!(answer, Err(RequestError::BadAnswer { .. })),
+        "a stream closed before its answer was taken for a malformed answer: {answer:?}"
+    );
+    assert!(
+        answer.is_err(),
+        "the peer speaks no request_response: {answer:?}"
+    );
+    assert_eq!(a.handle.metrics().reports_of(&raw_peer), 0);
+    drive.abort();
+    closer.abort();
+}
