@@ -26,7 +26,7 @@ use crate::local::{LocalFile, LocalState};
 use crate::metrics::Metrics;
 use crate::peers::{ChunkAsDelta, ForwardOutcome, PeerNet};
 use crate::pushed::PushedManifest;
-use crate::staging::Staging;
+use crate::staging::{OpenPacks, Staging};
 
 /// Most bytes of chunks in one push or fetch request.
 pub const BATCH_BYTES: usize = 1 << 20;
@@ -1051,16 +1051,32 @@ impl<N: PeerNet> SyncNode<N> {
     /// Chunk bytes for a peer's fetch: staged, or read (and verified) from
     /// the folder through the index.
     pub fn serve_chunk(&self, id: &Hash) -> Option<Vec<u8>> {
-        if let Ok(Some(bytes)) = self.staging.get(id) {
-            return Some(bytes);
+        let mut out = Vec::new();
+        self.serve_chunk_into(id, &mut out, &mut OpenPacks::default())
+            .then_some(out)
+    }
+
+    /// [`SyncNode::serve_chunk`] appending to `out` (left as it was if this
+    /// node lacks the chunk), with the packs it opens kept in `open`. A
+    /// staging area that cannot be read is passed over.
+    pub(crate) fn serve_chunk_into(
+        &self,
+        id: &Hash,
+        out: &mut Vec<u8>,
+        open: &mut OpenPacks,
+    ) -> bool {
+        if let Ok(true) = self.staging.get_into(id, out, open) {
+            return true;
         }
         match self.local.index().read_chunk(&self.folder, id) {
-            Ok(bytes) => Some(bytes),
+            Ok(bytes) if out.is_empty() => *out = bytes,
+            Ok(bytes) => out.extend_from_slice(&bytes),
             Err(e) => {
                 debug!(chunk = %id.fmt_short(), cause = %e, "chunk not served");
-                None
+                return false;
             }
         }
+        true
     }
 
     /// Which of `ids` this node holds neither staged nor in the folder.

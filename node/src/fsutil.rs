@@ -10,21 +10,6 @@ pub fn tmp_dir(folder: &Path) -> PathBuf {
     folder.join(".synod").join("tmp")
 }
 
-/// `len` bytes of `f` from `offset`, read into fresh memory that is not
-/// zeroed first (chunks are up to MiBs, read by the gigabyte).
-pub fn read_exact_at(f: &std::fs::File, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut buf = Vec::with_capacity(len);
-    while buf.len() < len {
-        let at = offset + buf.len() as u64;
-        if rustix::io::pread(f, rustix::buffer::spare_capacity(&mut buf), at)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-    }
-    // The capacity may exceed `len`, and a read may fill it.
-    buf.truncate(len);
-    Ok(buf)
-}
-
 pub fn fsync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
@@ -139,20 +124,5 @@ mod tests {
         std::fs::write(&left, b"torn").unwrap();
         assert_eq!(sweep_tmp(dir.path()).unwrap(), 1);
         assert!(!left.exists());
-    }
-
-    #[test]
-    fn read_exact_at_reads_the_range_or_says_the_file_is_short() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(&path, &data).unwrap();
-        let f = std::fs::File::open(&path).unwrap();
-        for (at, len) in [(0, 0), (0, 1), (7, 65_536), (123_457, 176_543)] {
-            let got = read_exact_at(&f, at as u64, len).unwrap();
-            assert_eq!(got, &data[at..at + len], "{at}+{len}");
-        }
-        let err = read_exact_at(&f, 299_000, 2_000).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
     }
 }

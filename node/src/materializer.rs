@@ -1338,13 +1338,8 @@ async fn write_held_window<N: PeerNet>(
             let mut lens = Vec::with_capacity(ids.len());
             for id in &ids {
                 let start = buf.len();
-                // As `serve_chunk`: a staging area that cannot be read is
-                // passed over (the chunk is then fetched).
-                if !matches!(node.staging.get_into(id, buf, &mut open), Ok(true)) {
-                    match node.local.index().read_chunk(&node.folder, id) {
-                        Ok(bytes) => buf.extend_from_slice(&bytes),
-                        Err(_) => return Ok(None),
-                    }
+                if !node.serve_chunk_into(id, buf, &mut open) {
+                    return Ok(None);
                 }
                 lens.push((buf.len() - start) as u32);
             }

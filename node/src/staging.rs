@@ -85,21 +85,21 @@ struct Slot {
     len: u32,
 }
 
-/// Staged files opened by [`Staging::get_into`], by pack number and kind.
+/// Staged files opened by [`Staging::get_into`], by pack number.
 #[derive(Debug, Default)]
-pub struct OpenPacks(HashMap<(u64, bool), std::fs::File>);
+pub struct OpenPacks(HashMap<u64, std::fs::File>);
 
 impl OpenPacks {
     /// Appends `len` bytes at `offset` of the file `path()` names to `out`.
     fn read_at(
         &mut self,
         path: impl FnOnce() -> PathBuf,
-        key: (u64, bool),
+        pack: u64,
         offset: u64,
         len: usize,
         out: &mut Vec<u8>,
     ) -> io::Result<()> {
-        let f = match self.0.entry(key) {
+        let f = match self.0.entry(pack) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => e.insert(std::fs::File::open(path())?),
         };
@@ -776,7 +776,7 @@ impl Staging {
         let start = out.len();
         let read = open.read_at(
             || self.data_path(slot.pack, staged_file),
-            (slot.pack, staged_file),
+            slot.pack,
             slot.offset,
             slot.len as usize,
             out,

@@ -94,6 +94,45 @@ async fn must_still_serve(a: &TestNode, member: &TestNode, id: synod_merkle::Has
     assert_eq!(got, vec![Some(Bytes::from_static(b"still here"))]);
 }
 
+/// A bare libp2p-stream peer, allowed by `a` as a member (one with a bug,
+/// not a stranger) and connected to it; its swarm runs until the returned
+/// task is aborted.
+async fn must_connect_stream_peer(
+    a: &TestNode,
+    member: &TestNode,
+) -> (
+    libp2p::PeerId,
+    libp2p_stream::Control,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_quic()
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let peer = *swarm.local_peer_id();
+    a.handle
+        .set_allowed_peers([member.peer, peer])
+        .await
+        .unwrap();
+    let control = swarm.behaviour().new_control();
+    swarm
+        .dial(
+            a.addr
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(a.peer)),
+        )
+        .unwrap();
+    let drive = tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    (peer, control, drive)
+}
+
 #[tokio::test]
 async fn malformed_and_oversized_frames_end_the_request_and_are_counted() {
     let (a, member, id) = must_start_served_pair().await;
@@ -184,32 +223,7 @@ async fn a_malformed_frame_on_a_raft_stream_ends_it_and_reports_the_peer() {
     use synod_transport::messages::RAFT_STREAM_PROTOCOL;
     let (a, member, id) = must_start_served_pair().await;
 
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_quic()
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
-    let raw_peer = *swarm.local_peer_id();
-    // A member with a bug, not a stranger: it is allowed.
-    a.handle
-        .set_allowed_peers([member.peer, raw_peer])
-        .await
-        .unwrap();
-    let mut control = swarm.behaviour().new_control();
-    swarm
-        .dial(
-            a.addr
-                .clone()
-                .with(libp2p::multiaddr::Protocol::P2p(a.peer)),
-        )
-        .unwrap();
-    let drive = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
-        }
-    });
+    let (raw_peer, mut control, drive) = must_connect_stream_peer(&a, &member).await;
     let before = a.handle.metrics().codec.snapshot();
     let garbage = [0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff];
     let mut stream = tokio::time::timeout(
@@ -245,21 +259,8 @@ async fn a_raft_stream_closed_without_an_answer_is_not_a_malformed_answer() {
 
     // A member whose Raft streams close before they answer (a connection
     // being replaced does this): the RPC falls back to request_response.
-    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_quic()
-        .with_behaviour(|_| libp2p_stream::Behaviour::new())
-        .unwrap()
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
-        .build();
-    let raw_peer = *swarm.local_peer_id();
-    a.handle
-        .set_allowed_peers([member.peer, raw_peer])
-        .await
-        .unwrap();
-    let mut incoming = swarm
-        .behaviour()
-        .new_control()
+    let (raw_peer, mut control, drive) = must_connect_stream_peer(&a, &member).await;
+    let mut incoming = control
         .accept(StreamProtocol::new(RAFT_STREAM_PROTOCOL))
         .unwrap();
     let (got_tx, mut got_rx) = tokio::sync::mpsc::unbounded_channel();
@@ -269,18 +270,6 @@ async fn a_raft_stream_closed_without_an_answer_is_not_a_malformed_answer() {
             let read = stream.read_exact(&mut header).await;
             let _ = got_tx.send(read.is_ok());
             let _ = stream.close().await;
-        }
-    });
-    swarm
-        .dial(
-            a.addr
-                .clone()
-                .with(libp2p::multiaddr::Protocol::P2p(a.peer)),
-        )
-        .unwrap();
-    let drive = tokio::spawn(async move {
-        loop {
-            swarm.select_next_some().await;
         }
     });
     let vote = || {
