@@ -223,7 +223,7 @@ fn an_edit_in_a_large_file_moves_only_changed_chunks() {
 }
 
 #[test]
-fn an_edit_in_a_small_file_moves_a_few_small_chunks() {
+fn an_edit_in_a_small_file_moves_as_a_delta() {
     let c = TestCluster::start(3);
     let mut data = random_bytes(100 << 10, 5);
     c.client(1).put("notes.bin", &data[..], None).unwrap();
@@ -244,7 +244,7 @@ fn an_edit_in_a_small_file_moves_a_few_small_chunks() {
             rebuilt(&c, id) - before[k].1 >= 1,
             "node {id} rebuilt no chunk"
         );
-        // A 100 KiB file is cut into ~4 KiB chunks, and the one or two a
+        // A 100 KiB file is cut into ~32 KiB chunks, and the one or two a
         // peer lacks travel as deltas against the ones they replace.
         assert!(
             delta <= 2 << 10,
