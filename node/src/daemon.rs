@@ -353,10 +353,23 @@ impl NodeServices {
         &self,
         f: impl FnOnce(Arc<SyncNode<TransportNet>>) -> Result<T, String> + Send + 'static,
     ) -> BoxFuture<'_, Result<T, ServiceError>> {
+        self.staging(Vec::new(), f)
+    }
+
+    /// [`Self::blocking`] for `f` staging the chunks `ids` received from a
+    /// peer: marked as arriving until it is done, so that the materializer
+    /// waits for them rather than fetching them again.
+    fn staging<T: Send + 'static>(
+        &self,
+        ids: Vec<Hash>,
+        f: impl FnOnce(Arc<SyncNode<TransportNet>>) -> Result<T, String> + Send + 'static,
+    ) -> BoxFuture<'_, Result<T, ServiceError>> {
         async move {
             let node = self.node()?.clone();
-            tokio::task::spawn_blocking(move || f(node))
-                .await
+            let arriving = (!ids.is_empty()).then(|| node.staging.arriving(ids));
+            let result = tokio::task::spawn_blocking(move || f(node)).await;
+            drop(arriving);
+            result
                 .map_err(|e| ServiceError(e.to_string()))?
                 .map_err(ServiceError)
         }
@@ -429,7 +442,8 @@ impl Services for NodeServices {
         peer: PeerId,
         chunks: Vec<ChunkData>,
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
-        self.blocking(move |node| {
+        let ids = chunks.iter().map(|c| c.id).collect();
+        self.staging(ids, move |node| {
             let pairs: Vec<(Hash, Bytes)> = chunks.into_iter().map(|c| (c.id, c.bytes)).collect();
             node.store_pushed(&pairs)?;
             received(&node, &peer, pairs.iter().map(|(_, b)| b.len()).sum());
@@ -492,7 +506,8 @@ impl Services for NodeServices {
         peer: PeerId,
         deltas: Vec<ChunkAsDelta>,
     ) -> BoxFuture<'_, Result<(), ServiceError>> {
-        self.blocking(move |node| {
+        let ids = deltas.iter().map(|(id, _, _)| *id).collect();
+        self.staging(ids, move |node| {
             node.store_deltas(&deltas)?;
             received(&node, &peer, deltas.iter().map(|(_, _, d)| d.len()).sum());
             Ok(())

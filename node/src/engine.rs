@@ -1197,6 +1197,7 @@ impl<N: PeerNet> SyncNode<N> {
         if from == self.id || !(voters.contains(&from) || learners.contains(&from)) {
             return Err(format!("node {from} is not another member to fetch from"));
         }
+        let _arriving = self.staging.arriving(ids.clone());
         let got = self
             .net
             .fetch_chunks(from, ids.clone())

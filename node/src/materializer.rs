@@ -1273,30 +1273,14 @@ async fn gather<N: PeerNet>(
     ids: &[Hash],
     bases: &HashMap<Hash, Arc<Vec<Hash>>>,
 ) -> Result<Vec<Bytes>, MaterializeError> {
-    // Staging and folder reads are disk reads: off the runtime.
-    let (mut found, missing) = {
-        let node = node.clone();
-        let ids = ids.to_vec();
-        tokio::task::spawn_blocking(move || {
-            let mut found: HashMap<Hash, Bytes> = HashMap::new();
-            let mut missing: Vec<Hash> = Vec::new();
-            for id in &ids {
-                if found.contains_key(id) || missing.contains(id) {
-                    continue;
-                }
-                match node.serve_chunk(id) {
-                    Some(bytes) => {
-                        Metrics::add(&node.metrics.chunks_local, 1);
-                        found.insert(*id, Bytes::from(bytes));
-                    }
-                    None => missing.push(*id),
-                }
-            }
-            (found, missing)
-        })
-        .await
-        .map_err(|e| MaterializeError::Local(format!("chunk lookup task: {e}")))?
-    };
+    let (mut found, mut missing) = held(node, ids.to_vec()).await?;
+    // A push to this node that lost the race to another may still be
+    // landing: its chunks are taken from it, not fetched a second time.
+    if !missing.is_empty() && node.staging.wait_arrived(&missing, ARRIVAL_WAIT).await {
+        let (more, still) = held(node, missing).await?;
+        found.extend(more);
+        missing = still;
+    }
     let missing = fetch_as_deltas(node, entry, missing, bases, &mut found).await;
     if !missing.is_empty() {
         fetch_from_peers(node, entry, missing, &mut found).await?;
@@ -1309,6 +1293,38 @@ async fn gather<N: PeerNet>(
                 .ok_or(MaterializeError::ChunkUnavailable { id: *id })
         })
         .collect()
+}
+
+/// How long assembling waits for chunks that are arriving in a push before
+/// fetching them anyway.
+const ARRIVAL_WAIT: Duration = Duration::from_secs(5);
+
+/// The chunks of `ids` held here (staged or in the folder), and those not.
+async fn held<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    ids: Vec<Hash>,
+) -> Result<(HashMap<Hash, Bytes>, Vec<Hash>), MaterializeError> {
+    // Staging and folder reads are disk reads: off the runtime.
+    let node = node.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut found: HashMap<Hash, Bytes> = HashMap::new();
+        let mut missing: Vec<Hash> = Vec::new();
+        for id in &ids {
+            if found.contains_key(id) || missing.contains(id) {
+                continue;
+            }
+            match node.serve_chunk(id) {
+                Some(bytes) => {
+                    Metrics::add(&node.metrics.chunks_local, 1);
+                    found.insert(*id, Bytes::from(bytes));
+                }
+                None => missing.push(*id),
+            }
+        }
+        (found, missing)
+    })
+    .await
+    .map_err(|e| MaterializeError::Local(format!("chunk lookup task: {e}")))
 }
 
 /// Largest window buffer a blocking thread keeps for the next window.

@@ -57,6 +57,38 @@ pub struct Staging {
     /// folder they are placed in is on this filesystem (see
     /// [`Staging::placing_into`]).
     stage_files: bool,
+    arrivals: Arc<Arrivals>,
+}
+
+/// Chunks received from a peer and still being staged, by how many
+/// pushes carry each: fetching one of them now would move it twice.
+#[derive(Debug, Default)]
+struct Arrivals {
+    ids: Mutex<HashMap<Hash, u32>>,
+    landed: tokio::sync::Notify,
+}
+
+/// Marks chunks as arriving until dropped (see [`Staging::arriving`]).
+#[derive(Debug)]
+pub struct Arriving {
+    arrivals: Arc<Arrivals>,
+    ids: Vec<Hash>,
+}
+
+impl Drop for Arriving {
+    fn drop(&mut self) {
+        let mut ids = self.arrivals.ids.lock().expect("arrivals poisoned");
+        for id in &self.ids {
+            if let Some(n) = ids.get_mut(id) {
+                *n -= 1;
+                if *n == 0 {
+                    ids.remove(id);
+                }
+            }
+        }
+        drop(ids);
+        self.arrivals.landed.notify_waiters();
+    }
 }
 
 #[derive(Debug, Default)]
@@ -219,6 +251,7 @@ impl Staging {
             limit,
             index: Arc::new(Mutex::new(Index::default())),
             stage_files: true,
+            arrivals: Arc::default(),
         };
         let mut used = 0;
         let mut legacy = Vec::new();
@@ -745,6 +778,41 @@ impl Staging {
         Ok(self)
     }
 
+    /// Marks `ids` as arriving (received, being staged) until the guard is
+    /// dropped, for [`Staging::wait_arrived`].
+    pub fn arriving(&self, ids: Vec<Hash>) -> Arriving {
+        let mut held = self.arrivals.ids.lock().expect("arrivals poisoned");
+        for id in &ids {
+            *held.entry(*id).or_default() += 1;
+        }
+        Arriving {
+            arrivals: self.arrivals.clone(),
+            ids,
+        }
+    }
+
+    /// Waits, for at most `max`, until none of `ids` is arriving; whether
+    /// any was.
+    pub async fn wait_arrived(&self, ids: &[Hash], max: Duration) -> bool {
+        let until = tokio::time::Instant::now() + max;
+        let mut waited = false;
+        loop {
+            let landed = self.arrivals.landed.notified();
+            tokio::pin!(landed);
+            landed.as_mut().enable();
+            {
+                let held = self.arrivals.ids.lock().expect("arrivals poisoned");
+                if !ids.iter().any(|id| held.contains_key(id)) {
+                    return waited;
+                }
+            }
+            waited = true;
+            if tokio::time::timeout_at(until, landed).await.is_err() {
+                return waited;
+            }
+        }
+    }
+
     /// Makes the renames of earlier `put`s durable (one fsync for a batch).
     pub fn sync_dir(&self) -> io::Result<()> {
         std::fs::File::open(&self.dir)?.sync_all()
@@ -979,6 +1047,30 @@ mod tests {
             .collect();
         assert_eq!(packs.len(), 1, "{packs:?}");
         packs[0].clone()
+    }
+
+    #[tokio::test]
+    async fn waiting_for_arriving_chunks_ends_when_they_land_or_at_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(dir.path(), 1 << 20).unwrap();
+        let (a, b) = (Hash::of(b"a"), Hash::of(b"b"));
+        let none = Duration::from_secs(30);
+        assert!(!st.wait_arrived(&[a, b], none).await, "nothing arriving");
+        let first = st.arriving(vec![a]);
+        let second = st.arriving(vec![a, b]);
+        // Bounded: a push that never finishes does not hold assembly up.
+        let started = std::time::Instant::now();
+        assert!(st.wait_arrived(&[b], Duration::from_millis(50)).await);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        // `a` is still carried by `first` after `second` lands.
+        let st2 = st.clone();
+        let waiter = tokio::spawn(async move { st2.wait_arrived(&[a], none).await });
+        drop(second);
+        assert!(!st.wait_arrived(&[b], none).await, "b landed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "a is still arriving");
+        drop(first);
+        assert!(tokio::time::timeout(none, waiter).await.unwrap().unwrap());
     }
 
     #[test]
