@@ -851,6 +851,13 @@ impl Staging {
         );
         match read {
             Ok(()) => {}
+            // Renamed into the folder by its placing, which forgets it once
+            // the file is recorded there: not this read's to forget.
+            Err(e) if staged_file && e.kind() == io::ErrorKind::NotFound => {
+                out.truncate(start);
+                tracing::debug!(chunk = %id.fmt_short(), "staged file being placed; chunk not read");
+                return Ok(false);
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -1259,6 +1266,27 @@ mod tests {
                 .count(),
             0
         );
+    }
+
+    #[test]
+    fn a_staged_file_read_while_it_is_placed_stays_staged_until_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = Staging::open(&dir.path().join("staging"), 1 << 30).unwrap();
+        let (data, m) = large_file(4);
+        st.expect_file(&m);
+        st.put_many(&chunks_of(&data, &m)).unwrap();
+        let at = st.ready_file(&m).unwrap().expect("complete");
+        let dest = dir.path().join("placed");
+        std::fs::rename(at, &dest).unwrap();
+        // A peer's fetch between the rename and the record: not served from
+        // here, and the staged file is not torn down chunk by chunk.
+        let first = m.chunks()[0].id;
+        assert_eq!(st.get(&first).unwrap(), None);
+        assert!(m.chunks().iter().all(|c| st.contains(&c.id)));
+        st.forget_file(&m.root());
+        assert!(!st.contains(&first));
+        assert_eq!(st.used(), 0);
+        assert_eq!(std::fs::read(&dest).unwrap(), data);
     }
 
     #[test]
