@@ -46,6 +46,20 @@ pub fn rename_into(tmp: &Path, target: &Path) -> io::Result<()> {
     }
 }
 
+/// [`rename_into`] that never replaces: fails (`AlreadyExists`) if anything
+/// is at `target`, checked by the rename itself rather than a stat before.
+pub fn rename_new(tmp: &Path, target: &Path) -> io::Result<()> {
+    use rustix::fs::{renameat_with, RenameFlags, CWD};
+    let rename = || renameat_with(CWD, tmp, CWD, target, RenameFlags::NOREPLACE);
+    match rename() {
+        Err(e) if e == rustix::io::Errno::NOENT => {
+            std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
+            Ok(rename()?)
+        }
+        done => Ok(done?),
+    }
+}
+
 /// Where a link target with manifest `m` is kept, relative to the folder.
 pub fn link_target_rel(m: &synod_chunker::Manifest) -> PathBuf {
     Path::new(".synod").join("links").join(m.root().to_string())
@@ -124,5 +138,21 @@ mod tests {
         std::fs::write(&left, b"torn").unwrap();
         assert_eq!(sweep_tmp(dir.path()).unwrap(), 1);
         assert!(!left.exists());
+    }
+
+    #[test]
+    fn a_new_placement_makes_parents_and_never_replaces() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("d/e/new.txt");
+        let tmp = temp_path(dir.path(), "t").unwrap();
+        std::fs::write(&tmp, b"ours").unwrap();
+        rename_new(&tmp, &target).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"ours");
+        let again = temp_path(dir.path(), "t").unwrap();
+        std::fs::write(&again, b"theirs").unwrap();
+        let e = rename_new(&again, &target).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read(&target).unwrap(), b"ours");
+        assert_eq!(std::fs::read(&again).unwrap(), b"theirs");
     }
 }

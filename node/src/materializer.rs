@@ -552,6 +552,25 @@ fn place_group<N: PeerNet>(
 /// Renames one file of a group into place (not yet durable); returns its stamp.
 fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, MaterializeError> {
     let (path, entry, target, tmp) = (&f.path, &f.entry, &f.target, &f.at);
+    let stamp_tmp = || match f.stamp {
+        Some(stamp) => Ok(stamp),
+        None => std::fs::File::options()
+            .write(true)
+            .open(tmp)
+            .and_then(|file| finish(&file, entry)),
+    };
+    // Nothing recorded at this path, so most likely nothing is there: a
+    // rename that refuses to replace checks that atomically, with no stat
+    // first. If something is there, the careful way below keeps it.
+    if f.local.is_none() {
+        if let Ok(stamp) = stamp_tmp() {
+            node.placed.note(target, stamp.inode);
+            if fsutil::rename_new(tmp, target).is_ok() {
+                forget_upload(node, f, false);
+                return Ok(stamp);
+            }
+        }
+    }
     // Held across the replace: a write that lands between the check below
     // and the rename still reaches this inode, and is rescued from it.
     // (Regular files only: opening a pipe would block.)
@@ -564,31 +583,30 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, Mater
     preserve_local_edit(node, path, target, f.local.as_ref(), Some(entry.root))?;
     // Mode and mtime travel with the entry (set when the content was made,
     // but for an upload's file).
-    let placed = match f.stamp {
-        Some(stamp) => Ok(stamp),
-        None => std::fs::File::options()
-            .write(true)
-            .open(tmp)
-            .and_then(|file| finish(&file, entry)),
-    }
-    .and_then(|stamp| {
+    let placed = stamp_tmp().and_then(|stamp| {
         node.placed.note(target, stamp.inode);
         fsutil::rename_into(tmp, target).map(|()| stamp)
     });
-    if f.from_upload {
-        node.uploads
-            .lock()
-            .expect("uploads lock poisoned")
-            .remove(&entry.root);
-        if placed.is_err() {
-            let _ = std::fs::remove_file(tmp);
-        }
-    }
+    forget_upload(node, f, placed.is_err());
     let stamp = placed.map_err(io_err(format!("placing {}", target.display())))?;
     if let Some((f, checked)) = old {
         rescue_late_write(node, path, f, &checked)?;
     }
     Ok(stamp)
+}
+
+/// An upload's temp file is placed, or failed to be and is removed: either
+/// way it leaves the uploads being committed.
+fn forget_upload<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace, failed: bool) {
+    if f.from_upload {
+        node.uploads
+            .lock()
+            .expect("uploads lock poisoned")
+            .remove(&f.entry.root);
+        if failed {
+            let _ = std::fs::remove_file(&f.at);
+        }
+    }
 }
 
 /// `syncfs` of the filesystem of each of `dirs`, once per filesystem.

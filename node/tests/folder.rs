@@ -130,6 +130,33 @@ fn simultaneous_edits_leave_the_winner_and_one_conflict_copy_everywhere() {
     assert_eq!(winners.len(), 1);
 }
 
+/// Two nodes create the same new path at once: whichever way each learns
+/// of the other (a commit over its unscanned file, or a conflict at its
+/// own commit), neither file is lost.
+#[test]
+fn simultaneous_creates_of_a_new_path_leave_the_winner_and_one_conflict_copy_everywhere() {
+    let c = cluster();
+    let a = random_bytes(30_000, 21);
+    let b = random_bytes(40_000, 22);
+    std::fs::write(c.folder(1).join("fresh.txt"), &a).unwrap();
+    std::fs::write(c.folder(2).join("fresh.txt"), &b).unwrap();
+    c.must_retry("one winner and one conflict copy on every node", || {
+        for id in 1..=3 {
+            let f = c.folder(id);
+            let copies = conflict_copies(&f, "", "fresh");
+            let main = std::fs::read(f.join("fresh.txt")).map_err(|e| io(e.to_string()))?;
+            if copies.len() != 1 {
+                return Err(io(format!("node {id}: conflict copies {copies:?}")));
+            }
+            let copy = std::fs::read(f.join(&copies[0])).map_err(|e| io(e.to_string()))?;
+            if !((main == a && copy == b) || (main == b && copy == a)) {
+                return Err(io(format!("node {id}: winner/copy are not the two files")));
+            }
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn an_editor_style_save_is_one_change() {
     let c = cluster();
