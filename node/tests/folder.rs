@@ -107,22 +107,7 @@ fn simultaneous_edits_leave_the_winner_and_one_conflict_copy_everywhere() {
     std::fs::write(c.folder(1).join("shared.txt"), &a).unwrap();
     std::fs::write(c.folder(2).join("shared.txt"), &b).unwrap();
     // Every node ends with the winner at the path and the loser beside it.
-    c.must_retry("one winner and one conflict copy on every node", || {
-        for id in 1..=3 {
-            let f = c.folder(id);
-            let copies = conflict_copies(&f, "", "shared");
-            let main = std::fs::read(f.join("shared.txt")).map_err(|e| io(e.to_string()))?;
-            if copies.len() != 1 {
-                return Err(io(format!("node {id}: conflict copies {copies:?}")));
-            }
-            let copy = std::fs::read(f.join(&copies[0])).map_err(|e| io(e.to_string()))?;
-            let pair_ok = (main == a && copy == b) || (main == b && copy == a);
-            if !pair_ok {
-                return Err(io(format!("node {id}: winner/copy are not the two edits")));
-            }
-        }
-        Ok(())
-    });
+    must_keep_both(&c, "shared", &a, &b);
     // All three agree on which edit won.
     let winners: BTreeSet<Vec<u8>> = (1..=3)
         .map(|id| std::fs::read(c.folder(id).join("shared.txt")).unwrap())
@@ -140,11 +125,18 @@ fn simultaneous_creates_of_a_new_path_leave_the_winner_and_one_conflict_copy_eve
     let b = random_bytes(40_000, 22);
     std::fs::write(c.folder(1).join("fresh.txt"), &a).unwrap();
     std::fs::write(c.folder(2).join("fresh.txt"), &b).unwrap();
+    must_keep_both(&c, "fresh", &a, &b);
+}
+
+/// Waits until every node has one of `a` and `b` at `<stem>.txt` and the
+/// other in one conflict copy beside it.
+fn must_keep_both(c: &TestCluster, stem: &str, a: &[u8], b: &[u8]) {
     c.must_retry("one winner and one conflict copy on every node", || {
         for id in 1..=3 {
             let f = c.folder(id);
-            let copies = conflict_copies(&f, "", "fresh");
-            let main = std::fs::read(f.join("fresh.txt")).map_err(|e| io(e.to_string()))?;
+            let copies = conflict_copies(&f, "", stem);
+            let main =
+                std::fs::read(f.join(format!("{stem}.txt"))).map_err(|e| io(e.to_string()))?;
             if copies.len() != 1 {
                 return Err(io(format!("node {id}: conflict copies {copies:?}")));
             }
