@@ -552,7 +552,9 @@ fn place_group<N: PeerNet>(
 /// Renames one file of a group into place (not yet durable); returns its stamp.
 fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, MaterializeError> {
     let (path, entry, target, tmp) = (&f.path, &f.entry, &f.target, &f.at);
-    let stamp_tmp = || match f.stamp {
+    // Mode and mtime travel with the entry (set when the content was made,
+    // but for an upload's file).
+    let stamped = match f.stamp {
         Some(stamp) => Ok(stamp),
         None => std::fs::File::options()
             .write(true)
@@ -563,7 +565,8 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, Mater
     // rename that refuses to replace checks that atomically, with no stat
     // first. If something is there, the careful way below keeps it.
     if f.local.is_none() {
-        if let Ok(stamp) = stamp_tmp() {
+        if let Ok(stamp) = &stamped {
+            let stamp = *stamp;
             node.placed.note(target, stamp.inode);
             if fsutil::rename_new(tmp, target).is_ok() {
                 forget_upload(node, f, false);
@@ -581,9 +584,7 @@ fn place_one<N: PeerNet>(node: &SyncNode<N>, f: &ToPlace) -> Result<Stamp, Mater
         .and_then(|f| f.metadata().ok().filter(|m| m.is_file()).map(|m| (f, m)));
     // The fetch took time: an edit made meanwhile is kept too.
     preserve_local_edit(node, path, target, f.local.as_ref(), Some(entry.root))?;
-    // Mode and mtime travel with the entry (set when the content was made,
-    // but for an upload's file).
-    let placed = stamp_tmp().and_then(|stamp| {
+    let placed = stamped.and_then(|stamp| {
         node.placed.note(target, stamp.inode);
         fsutil::rename_into(tmp, target).map(|()| stamp)
     });
