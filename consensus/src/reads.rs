@@ -8,7 +8,7 @@ use tokio::sync::watch;
 
 use crate::codec;
 use crate::path::NsPath;
-use crate::state_machine::{entry_key, feed_index, feed_key, read_err, SmShared, P_FEED};
+use crate::state_machine::{entry_key, feed_index, feed_key, read_err, SmShared};
 use crate::types::{ClusterSettings, Entry, NodeId, NodeInfo, StorageError, SynodRaft};
 
 /// How fresh a read must be.
@@ -181,14 +181,23 @@ impl StateView {
     /// resuming from the last version seen never misses a change. Entries that
     /// arrived through a snapshot install appear under their own versions.
     pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
+        // Up to what was applied when the call began: later entries may be
+        // applied while this reads (see below), and a record the scan
+        // missed must not be passed over by a caller resuming after the
+        // last version it was given.
+        let applied = self.applied_index();
+        if after >= applied {
+            return Ok(Vec::new());
+        }
         let start = feed_key(after.saturating_add(1), 0);
-        let end = [P_FEED + 1];
-        // Never part of a log entry: a caller resuming after its last
-        // version would skip the rest.
-        let _whole_entries = self.visible();
+        let end = feed_key(applied.saturating_add(1), 0);
         let mut out = Vec::new();
         for kv in self.shared.st.sm.range(start.to_vec()..end.to_vec()) {
             let (k, v) = kv.map_err(read_err)?;
+            // Held per record, not for the whole scan: a background reader
+            // (the materializer runs at a low priority) would otherwise
+            // hold apply up for as long as it is kept off the CPU.
+            let _whole_entries = self.visible();
             let version = feed_index(&k).ok_or_else(|| {
                 read_err(std::io::Error::other(format!(
                     "change feed key of {} bytes",
