@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::io::Write;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -174,7 +174,17 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<Progress, Materiali
         changes.into_iter().partition(|c| c.entry.is_live());
     // Content is assembled ahead, several files at once (their fetches and
     // fsyncs overlap), and placed in feed order below.
-    let wanted: Vec<bool> = live.iter().map(|c| worth_prefetching(node, c)).collect();
+    // Content carried in the log (small files) is read here and written
+    // by the group's own blocking task: no assembly task per file.
+    let mut inline: Vec<Option<Inline>> = live
+        .iter()
+        .map(|c| inline_data(node, &c.path, &c.entry).ok().flatten())
+        .collect();
+    let wanted: Vec<bool> = live
+        .iter()
+        .zip(&inline)
+        .map(|(c, i)| i.is_none() && worth_prefetching(node, c))
+        .collect();
     let mut ready = prefetch(
         node,
         live.iter()
@@ -184,8 +194,8 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<Progress, Materiali
             .collect(),
     );
     let mut group = PlaceGroup::default();
-    for (c, wanted) in live.iter().zip(wanted) {
-        let assembled = match wanted {
+    for ((c, wanted), inline) in live.iter().zip(wanted).zip(inline.iter_mut()) {
+        let mut assembled = match wanted {
             true => match ready.recv().await {
                 Some(Ok(a)) => a,
                 Some(Err(e)) => {
@@ -196,6 +206,7 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<Progress, Materiali
             },
             false => Assembled::none(),
         };
+        assembled.inline = inline.take();
         materialize_entry(node, &c.path, &c.entry, assembled, &mut group)
             .await
             .map_err(|e| MaterializeError::At {
@@ -279,6 +290,7 @@ fn prefetch<N: PeerNet>(
                     .await
                     .map(|a| Assembled {
                         ready: Some(a),
+                        inline: None,
                         _budget: Some(permit),
                     })
             })
@@ -296,6 +308,8 @@ fn prefetch<N: PeerNet>(
 /// the entry takes it, and its share of the budget is given back with it.
 pub(crate) struct Assembled {
     ready: Option<Ready>,
+    /// Or the content from the log, written when its group is placed.
+    inline: Option<Inline>,
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -304,6 +318,7 @@ impl Assembled {
     pub(crate) fn none() -> Assembled {
         Assembled {
             ready: None,
+            inline: None,
             _budget: None,
         }
     }
@@ -387,6 +402,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         .cloned();
     let upload = upload.filter(|p| p.exists());
     let from_upload = upload.is_some();
+    let mut inline = None;
     let (tmp, manifest, stamp, staged) = match upload {
         Some(tmp) => {
             let manifest = node
@@ -396,13 +412,21 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
                 .ok_or(MaterializeError::NoManifest { root: entry.root })?;
             (tmp, manifest, None, false)
         }
-        None => {
-            let r = match assembled.ready.take() {
-                Some(ready) => ready,
-                None => assemble(node, path, entry, local.as_ref()).await?,
-            };
-            (r.at, r.manifest, Some(r.stamp), r.staged)
-        }
+        None => match assembled.inline.take() {
+            Some(Inline { data, manifest }) => {
+                let tmp = fsutil::temp_path(&node.folder, "materialize")
+                    .map_err(io_err("creating temp file"))?;
+                inline = Some(data);
+                (tmp, manifest, None, false)
+            }
+            None => {
+                let r = match assembled.ready.take() {
+                    Some(ready) => ready,
+                    None => assemble(node, path, entry, local.as_ref()).await?,
+                };
+                (r.at, r.manifest, Some(r.stamp), r.staged)
+            }
+        },
     };
     group.push(ToPlace {
         path: path.clone(),
@@ -412,6 +436,7 @@ pub(crate) async fn materialize_entry<N: PeerNet>(
         at: tmp,
         manifest,
         stamp,
+        inline,
         local,
         from_upload,
     });
@@ -436,8 +461,10 @@ struct ToPlace {
     tmp: RemoveOnDrop,
     manifest: Manifest,
     /// Of `at` with its mode and mtime set; `None` for an upload's file,
-    /// which gets them when it is placed.
+    /// which gets them when it is placed, and for content still `inline`.
     stamp: Option<Stamp>,
+    /// Content from the log, not yet written to `at`.
+    inline: Option<Vec<u8>>,
     local: Option<LocalFile>,
     from_upload: bool,
 }
@@ -500,8 +527,15 @@ impl PlaceGroup {
 /// [`PlaceGroup::flush`], blocking.
 fn place_group<N: PeerNet>(
     node: &SyncNode<N>,
-    files: Vec<ToPlace>,
+    mut files: Vec<ToPlace>,
 ) -> Result<(), MaterializeError> {
+    for f in &mut files {
+        if let Some(data) = f.inline.take() {
+            let stamp = write_new(&f.at, &data, &f.entry)
+                .map_err(io_err(format!("writing {}", f.at.display())))?;
+            f.stamp = Some(stamp);
+        }
+    }
     if files.iter().any(|f| !f.synced()) {
         sync_filesystems(&[fsutil::tmp_dir(&node.folder)])?;
     }
@@ -1028,12 +1062,18 @@ async fn assemble<N: PeerNet>(
 /// The content of a small file that came in its log entry
 /// ([`synod_consensus::Command::PutInline`]), written to a temp file (not
 /// yet fsynced); `None` if this node keeps no inline bytes for it.
-async fn from_inline<N: PeerNet>(
-    node: &Arc<SyncNode<N>>,
+/// A small file's content, carried in the log, checked against its entry.
+pub(crate) struct Inline {
+    data: Vec<u8>,
+    manifest: Manifest,
+}
+
+fn inline_data<N: PeerNet>(
+    node: &SyncNode<N>,
     path: &NsPath,
     entry: &Entry,
-) -> Result<Option<Ready>, MaterializeError> {
-    if entry.size > synod_consensus::MAX_INLINE as u64 {
+) -> Result<Option<Inline>, MaterializeError> {
+    if entry.kind != EntryKind::File || entry.size > synod_consensus::MAX_INLINE as u64 {
         return Ok(None);
     }
     let data = node
@@ -1053,6 +1093,24 @@ async fn from_inline<N: PeerNet>(
             expected: entry.root,
         });
     }
+    Ok(Some(Inline { data, manifest }))
+}
+
+/// Creates `at` holding `data`, with `entry`'s mode and mtime.
+fn write_new(at: &Path, data: &[u8], entry: &Entry) -> std::io::Result<Stamp> {
+    let mut f = std::fs::File::create(at)?;
+    f.write_all(data)?;
+    finish(&f, entry)
+}
+
+async fn from_inline<N: PeerNet>(
+    node: &Arc<SyncNode<N>>,
+    path: &NsPath,
+    entry: &Entry,
+) -> Result<Option<Ready>, MaterializeError> {
+    let Some(Inline { data, manifest }) = inline_data(node, path, entry)? else {
+        return Ok(None);
+    };
     let tmp =
         fsutil::temp_path(&node.folder, "materialize").map_err(io_err("creating temp file"))?;
     let mut unfinished = RemoveOnDrop(Some(tmp.clone()));
@@ -1061,14 +1119,10 @@ async fn from_inline<N: PeerNet>(
     // it is placed.)
     let at = tmp.clone();
     let e = entry.clone();
-    let stamp = tokio::task::spawn_blocking(move || {
-        let mut f = std::fs::File::create(at)?;
-        f.write_all(&data)?;
-        finish(&f, &e)
-    })
-    .await
-    .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
-    .map_err(io_err(format!("writing {}", tmp.display())))?;
+    let stamp = tokio::task::spawn_blocking(move || write_new(&at, &data, &e))
+        .await
+        .map_err(|e| MaterializeError::Local(format!("write task: {e}")))?
+        .map_err(io_err(format!("writing {}", tmp.display())))?;
     unfinished.0 = None;
     Ok(Some(Ready {
         at: tmp,
