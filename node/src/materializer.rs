@@ -1059,15 +1059,15 @@ async fn assemble<N: PeerNet>(
     })
 }
 
-/// The content of a small file that came in its log entry
-/// ([`synod_consensus::Command::PutInline`]), written to a temp file (not
-/// yet fsynced); `None` if this node keeps no inline bytes for it.
-/// A small file's content, carried in the log, checked against its entry.
+/// A small file's content, carried in its log entry
+/// ([`synod_consensus::Command::PutInline`]) and checked against it.
 pub(crate) struct Inline {
     data: Vec<u8>,
     manifest: Manifest,
 }
 
+/// The inline content of `entry`; `None` if it is not a small file or
+/// this node keeps no inline bytes for it.
 fn inline_data<N: PeerNet>(
     node: &SyncNode<N>,
     path: &NsPath,
@@ -1103,6 +1103,8 @@ fn write_new(at: &Path, data: &[u8], entry: &Entry) -> std::io::Result<Stamp> {
     finish(&f, entry)
 }
 
+/// The inline content of `entry` written to a temp file (not yet
+/// fsynced); `None` as for [`inline_data`].
 async fn from_inline<N: PeerNet>(
     node: &Arc<SyncNode<N>>,
     path: &NsPath,
