@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
-use synod_consensus::StateView;
+use synod_consensus::{Change, StateView};
 
 use crate::contact::ContactReport;
 use crate::engine::SyncNode;
@@ -287,26 +287,94 @@ impl ConflictTracker {
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         let applied = view.applied_index();
         if applied > st.seen_through {
-            if let Ok(changes) = view.changes_since(st.seen_through, CHANGES_PER_REPORT) {
-                let complete = changes.len() < CHANGES_PER_REPORT;
-                let mut last = st.seen_through;
-                for ch in changes {
-                    last = last.max(ch.version);
-                    let p = ch.path.as_str();
-                    if crate::conflict::is_conflict_copy(p) {
-                        if ch.entry.is_live() {
-                            st.paths.insert(p.to_string());
-                        } else {
-                            st.paths.remove(p);
-                        }
-                    }
+            // One log entry can hold more changes than a read: widen the
+            // read until it reaches past the first version.
+            let mut limit = CHANGES_PER_REPORT;
+            let changes = loop {
+                match view.changes_since(st.seen_through, limit) {
+                    Ok(c) if c.len() == limit && c[0].version == c[limit - 1].version => limit *= 2,
+                    Ok(c) => break Some(c),
+                    Err(_) => break None,
                 }
-                st.seen_through = if complete { last.max(applied) } else { last };
+            };
+            if let Some(changes) = changes {
+                st.absorb(changes, limit, applied);
             }
         }
         ConflictsReport {
             count: st.paths.len(),
             paths: st.paths.iter().take(100).cloned().collect(),
         }
+    }
+}
+
+impl TrackerState {
+    /// Takes in `changes`, read with `limit` when `applied` was the applied
+    /// index. A full read may end inside a version: that version is left
+    /// whole to the next read, or the rest of it would be passed over.
+    fn absorb(&mut self, mut changes: Vec<Change>, limit: usize, applied: u64) {
+        let complete = changes.len() < limit;
+        if let (false, Some(first), Some(cut)) = (
+            complete,
+            changes.first().map(|c| c.version),
+            changes.last().map(|c| c.version),
+        ) {
+            if first != cut {
+                changes.retain(|c| c.version != cut);
+            }
+        }
+        let mut last = self.seen_through;
+        for ch in changes {
+            last = last.max(ch.version);
+            let p = ch.path.as_str();
+            if crate::conflict::is_conflict_copy(p) {
+                if ch.entry.is_live() {
+                    self.paths.insert(p.to_string());
+                } else {
+                    self.paths.remove(p);
+                }
+            }
+        }
+        self.seen_through = if complete { last.max(applied) } else { last };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use synod_consensus::{Entry, EntryKind, NsPath};
+
+    fn change(version: u64, path: &str) -> Change {
+        Change {
+            version,
+            path: NsPath::parse(path).unwrap(),
+            entry: Entry {
+                kind: EntryKind::File,
+                size: 0,
+                root: synod_merkle::Hash::ZERO,
+                mode: 0o644,
+                mtime_ns: 0,
+                version,
+                origin: 1,
+                holders: vec![1],
+                tombstone: false,
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_read_of_the_feed_leaves_its_last_version_whole_to_the_next() {
+        let a = "a.sync-conflict-20261207-120000-2.txt";
+        let b = "b.sync-conflict-20261207-120000-2.txt";
+        let c = "c.sync-conflict-20261207-120000-2.txt";
+        let mut st = TrackerState::default();
+        // A read of 3 that ends inside version 6, which also holds `c`.
+        st.absorb(vec![change(5, a), change(6, b), change(6, c)], 3, 9);
+        assert_eq!(st.seen_through, 5, "version 6 is read again, whole");
+        assert_eq!(st.paths, BTreeSet::from([a.to_string()]));
+        st.absorb(vec![change(6, b), change(6, c), change(7, "x.txt")], 4, 9);
+        assert_eq!(st.seen_through, 9, "a short read reaches the applied index");
+        let all: BTreeSet<String> = [a, b, c].iter().map(|p| p.to_string()).collect();
+        assert_eq!(st.paths, all);
     }
 }
