@@ -36,21 +36,23 @@ pub fn place(tmp: &Path, target: &Path) -> io::Result<()> {
 /// Renames `tmp` over `target`, creating its parents; durable only once
 /// the caller syncs the target's directory (or its filesystem).
 pub fn rename_into(tmp: &Path, target: &Path) -> io::Result<()> {
-    // Parents are usually there: made only when the rename says they are not.
-    match std::fs::rename(tmp, target) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
-            std::fs::rename(tmp, target)
-        }
-        done => done,
-    }
+    rename_making_parents(tmp, target, rustix::fs::RenameFlags::empty())
 }
 
 /// [`rename_into`] that never replaces: fails (`AlreadyExists`) if anything
 /// is at `target`, checked by the rename itself rather than a stat before.
 pub fn rename_new(tmp: &Path, target: &Path) -> io::Result<()> {
-    use rustix::fs::{renameat_with, RenameFlags, CWD};
-    let rename = || renameat_with(CWD, tmp, CWD, target, RenameFlags::NOREPLACE);
+    rename_making_parents(tmp, target, rustix::fs::RenameFlags::NOREPLACE)
+}
+
+fn rename_making_parents(
+    tmp: &Path,
+    target: &Path,
+    flags: rustix::fs::RenameFlags,
+) -> io::Result<()> {
+    use rustix::fs::{renameat_with, CWD};
+    let rename = || renameat_with(CWD, tmp, CWD, target, flags);
+    // Parents are usually there: made only when the rename says they are not.
     match rename() {
         Err(e) if e == rustix::io::Errno::NOENT => {
             std::fs::create_dir_all(target.parent().unwrap_or(Path::new(".")))?;
