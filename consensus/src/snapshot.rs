@@ -697,6 +697,9 @@ pub(crate) fn load(
         source,
     };
     let (_, settings, root) = read_header(&path)?;
+    // Readers of entries and of the change feed see the state before or
+    // after, never one partly cleared or refilled.
+    let _visible = shared.visible.write().unwrap_or_else(|p| p.into_inner());
     // Clear in bounded batches.
     loop {
         let mut batch = sled::Batch::default();

@@ -600,3 +600,69 @@ async fn snapshot_built_while_apply_runs_is_consistent() {
     assert!(index > 2, "apply ran during the build ({index})");
     tracing::info!(at, index, "snapshot at {at} while apply reached {index}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_during_a_snapshot_install_see_the_old_state_or_the_new_never_a_mix() {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let (_l1, mut sm1) = open_stores(d1.path(), "c").expect("open");
+    let (_l2, mut sm2) = open_stores(d2.path(), "c").expect("open");
+    const NEW: usize = 30_000;
+    const OLD: usize = 50;
+    let cmds: Vec<_> = (0..NEW as u64)
+        .map(|i| {
+            let put = Command::put(&p(&format!("new/f{i:05}")), file(i as u8), Expect::Absent);
+            (rid(i), put)
+        })
+        .collect();
+    must_apply(&mut sm1, vec![normal(1, cmds)]).await;
+    let (meta, bytes) = must_build(&mut sm1).await;
+    let cmds: Vec<_> = (0..OLD as u64)
+        .map(|i| {
+            let put = Command::put(&p(&format!("old/f{i:02}")), file(i as u8), Expect::Absent);
+            (rid(i), put)
+        })
+        .collect();
+    must_apply(&mut sm2, vec![normal(1, cmds)]).await;
+
+    // Entries and the change feed, read over and over while the install runs.
+    let view = sm2.view();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut seen = BTreeSet::new();
+        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+            let all = view.all().expect("all");
+            let old = all
+                .iter()
+                .filter(|(p, _)| p.as_str().starts_with("old/"))
+                .count();
+            seen.insert(("entries (old, new)", old, all.len() - old));
+            let feed = view.changes_since(0, usize::MAX).expect("feed").len();
+            seen.insert(("feed", feed, 0));
+        }
+        seen
+    });
+    must_install(&mut sm2, &meta, &bytes)
+        .await
+        .expect("install");
+    // One read after the install for sure.
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let seen = reader.join().expect("reader");
+    let whole: BTreeSet<_> = [
+        ("entries (old, new)", OLD, 0),
+        ("entries (old, new)", 0, NEW),
+        ("feed", OLD, 0),
+        ("feed", NEW, 0),
+    ]
+    .into();
+    assert!(
+        seen.is_subset(&whole),
+        "a reader saw a partly cleared or refilled state: {seen:?}"
+    );
+    assert!(
+        seen.contains(&("entries (old, new)", 0, NEW)) && seen.contains(&("feed", NEW, 0)),
+        "the reader saw the installed state: {seen:?}"
+    );
+}
