@@ -181,6 +181,25 @@ impl StateView {
     /// resuming from the last version seen never misses a change. Entries that
     /// arrived through a snapshot install appear under their own versions.
     pub fn changes_since(&self, after: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        loop {
+            // A snapshot install replaces the whole feed: a scan it
+            // overlapped may mix the two, so it is done again.
+            let installs = self.shared.installs.load(SeqCst);
+            if installs % 2 == 1 {
+                // Under way: its write lock is held until it ends.
+                drop(self.visible());
+                continue;
+            }
+            let out = self.scan_feed(after, limit)?;
+            if self.shared.installs.load(SeqCst) == installs {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// [`Self::changes_since`], but for snapshot installs.
+    fn scan_feed(&self, after: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
         // Up to what was applied when the call began: later entries may be
         // applied while this reads (see below), and a record the scan
         // missed must not be passed over by a caller resuming after the

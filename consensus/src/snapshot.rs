@@ -684,6 +684,23 @@ fn anyerr(e: &dyn std::error::Error) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Marks a snapshot install under way (`SmShared::installs` odd) until
+/// dropped, which happens before the `visible` lock it is taken under.
+struct Installing<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl<'a> Installing<'a> {
+    fn begin(installs: &'a std::sync::atomic::AtomicU64) -> Installing<'a> {
+        installs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Installing(installs)
+    }
+}
+
+impl Drop for Installing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 /// Replaces the state machine with the verified snapshot file of `meta`.
 pub(crate) fn load(
     shared: &SmShared,
@@ -700,6 +717,7 @@ pub(crate) fn load(
     // Readers of entries and of the change feed see the state before or
     // after, never one partly cleared or refilled.
     let _visible = shared.visible.write().unwrap_or_else(|p| p.into_inner());
+    let _installing = Installing::begin(&shared.installs);
     // Clear in bounded batches.
     loop {
         let mut batch = sled::Batch::default();

@@ -381,6 +381,10 @@ pub(crate) struct SmShared {
     /// Held (written) while apply makes one log entry's writes; readers of
     /// entries and of the change feed hold it (read) to see whole entries.
     pub visible: std::sync::RwLock<()>,
+    /// Odd while a snapshot install replaces the state (under `visible`),
+    /// bumped again when it ends: a reader whose scan of the change feed
+    /// spans an install sees it changed and scans again.
+    pub installs: std::sync::atomic::AtomicU64,
     pub applied_tx: watch::Sender<u64>,
 }
 
@@ -408,6 +412,7 @@ impl StateMachineStore {
             snapshot_lock: tokio::sync::Mutex::new(()),
             tree: std::sync::Mutex::new(NsTree::default()),
             visible: std::sync::RwLock::new(()),
+            installs: std::sync::atomic::AtomicU64::new(0),
             applied_tx: watch::channel(0).0,
         });
         replay_redo(&st).map_err(recover)?;

@@ -631,7 +631,10 @@ async fn readers_during_a_snapshot_install_see_the_old_state_or_the_new_never_a_
     let stop2 = stop.clone();
     let reader = std::thread::spawn(move || {
         let mut seen = BTreeSet::new();
-        while !stop2.load(std::sync::atomic::Ordering::SeqCst) {
+        loop {
+            // Taken before reading: the reads after `stop` began after the
+            // install ended.
+            let last = stop2.load(std::sync::atomic::Ordering::SeqCst);
             let all = view.all().expect("all");
             let old = all
                 .iter()
@@ -640,14 +643,14 @@ async fn readers_during_a_snapshot_install_see_the_old_state_or_the_new_never_a_
             seen.insert(("entries (old, new)", old, all.len() - old));
             let feed = view.changes_since(0, usize::MAX).expect("feed").len();
             seen.insert(("feed", feed, 0));
+            if last {
+                return seen;
+            }
         }
-        seen
     });
     must_install(&mut sm2, &meta, &bytes)
         .await
         .expect("install");
-    // One read after the install for sure.
-    std::thread::sleep(std::time::Duration::from_millis(50));
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     let seen = reader.join().expect("reader");
     let whole: BTreeSet<_> = [
