@@ -656,7 +656,7 @@ impl Daemon {
             metrics: metrics.clone(),
         });
         let client_id: u64 = rand::random();
-        let watermark = local.watermark()?;
+        let watermark = local.on_disk_through()?;
         let node = Arc::new(SyncNode {
             id,
             folder: ncfg.folder.clone(),

@@ -1007,21 +1007,25 @@ impl<N: PeerNet> SyncNode<N> {
         version: u64,
     ) -> Result<(tokio::fs::File, LocalFile), NodeError> {
         let deadline = Instant::now() + self.write_timeout;
-        let mut wm = self.watch_watermark();
-        if tokio::time::timeout_at(deadline, wm.wait_for(|&w| w >= version))
-            .await
-            .is_err()
-        {
-            return Err(NodeError::Unavailable(format!(
-                "{path} version {version} is not on this node's disk yet"
-            )));
-        }
         let target = self.folder.join(path.as_str());
         let record = || {
             self.local
                 .file(path.as_str())
                 .map_err(|e| NodeError::internal(&format!("local record of {path}"), e))
         };
+        // Placed already: no need to wait for the watermark, which a parked
+        // file elsewhere may hold back.
+        let placed = record()?.is_some_and(|r| r.version >= version);
+        let mut wm = self.watch_watermark();
+        if !placed
+            && tokio::time::timeout_at(deadline, wm.wait_for(|&w| w >= version))
+                .await
+                .is_err()
+        {
+            return Err(NodeError::Unavailable(format!(
+                "{path} version {version} is not on this node's disk yet"
+            )));
+        }
         loop {
             if let Some(before) = record()?.filter(|r| r.version >= version) {
                 if let Ok(file) = tokio::fs::File::open(&target).await {

@@ -37,6 +37,9 @@ pub enum EventKind {
     /// Something committed was not written into the folder (e.g. a link
     /// pointing outside it).
     Refused,
+    /// A committed file could not be written into the folder yet: no
+    /// member could serve its content. It is tried again now and then.
+    Parked,
 }
 
 /// One event.

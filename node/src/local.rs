@@ -2,6 +2,7 @@
 //! file, the manifests it knows, the chunk index and its watermark. One sled
 //! database under the data dir, separate from the Raft state.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -14,6 +15,7 @@ const MANIFESTS: &str = "manifests";
 const META: &str = "local_meta";
 const PENDING: &str = "pending";
 const IN_DOUBT: &str = "in_doubt";
+const PARKED: &str = "parked";
 const WATERMARK: &[u8] = b"watermark";
 
 /// A file as this node last wrote it into the folder.
@@ -57,6 +59,9 @@ pub struct LocalState {
     meta: sled::Tree,
     pending: sled::Tree,
     in_doubt: sled::Tree,
+    parked: sled::Tree,
+    /// The parked paths in memory: version, and when to try again.
+    parked_mem: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Retry>>>,
     index: ChunkIndex,
     /// Group commit of [`LocalState::flush`]: tickets taken, and the
     /// highest ticket a completed flush covers.
@@ -67,6 +72,30 @@ pub struct LocalState {
     /// `sync_file_range`, which is not an fsync (see
     /// `synod_consensus::NodeStorage`), so [`LocalState::flush`] adds one.
     data_file: std::sync::Arc<std::fs::File>,
+}
+
+/// A committed version this node could not write into its folder because
+/// no member could serve its content. The materializer goes on past it
+/// and tries it again now and then; it is dropped once that version or a
+/// newer one of the path is placed. Until then the watermark this node
+/// reports stays below it ([`LocalState::on_disk_through`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Parked {
+    pub version: u64,
+    /// Why it could not be placed, the last time it was tried.
+    pub error: String,
+    /// When it was first parked, ms since the Unix epoch.
+    pub since_ms: u64,
+}
+
+/// When a parked path is tried again: after 1 s, doubling up to this.
+const PARK_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    version: u64,
+    at: std::time::Instant,
+    wait: std::time::Duration,
 }
 
 /// A local edit that could not be committed yet (no quorum): the durable
@@ -124,19 +153,37 @@ impl LocalState {
                 path: path.to_owned(),
                 source: e.into(),
             })?;
-        Ok(LocalState {
+        let st = LocalState {
             data_file: std::sync::Arc::new(data_file),
             files: db.open_tree(FILES)?,
             manifests: db.open_tree(MANIFESTS)?,
             meta: db.open_tree(META)?,
             pending: db.open_tree(PENDING)?,
             in_doubt: db.open_tree(IN_DOUBT)?,
+            parked: db.open_tree(PARKED)?,
+            parked_mem: Default::default(),
             flushing: Default::default(),
             flush_tickets: Default::default(),
             flushed_upto: Default::default(),
             index: ChunkIndex::with_db(&db)?,
             db,
-        })
+        };
+        let now = std::time::Instant::now();
+        let parked = st.parked()?;
+        let mut mem = st.parked_mem.lock().expect("parked lock poisoned");
+        for (path, p) in parked {
+            let wait = std::time::Duration::from_secs(1);
+            mem.insert(
+                path,
+                Retry {
+                    version: p.version,
+                    at: now,
+                    wait,
+                },
+            );
+        }
+        drop(mem);
+        Ok(st)
     }
 
     pub fn index(&self) -> &ChunkIndex {
@@ -283,7 +330,84 @@ impl LocalState {
         }
     }
 
-    /// All commits up to this log index are on disk.
+    /// Parks `version` of `path` (see [`Parked`]), keeping when it was
+    /// first parked; it is tried again after a while ([`Self::parked_due`]).
+    pub fn park(&self, path: &str, mut p: Parked) -> Result<(), LocalStateError> {
+        if let Some(old) = self.parked.get(path.as_bytes())? {
+            let old: Parked = decode(path, &old)?;
+            if old.version == p.version {
+                p.since_ms = old.since_ms;
+            }
+        }
+        self.parked.insert(path.as_bytes(), encode(&p))?;
+        let mut mem = self.parked_mem.lock().expect("parked lock poisoned");
+        let wait = match mem.get(path) {
+            Some(r) if r.version == p.version => (r.wait * 2).min(PARK_RETRY_MAX),
+            _ => std::time::Duration::from_secs(1),
+        };
+        let at = std::time::Instant::now() + wait;
+        mem.insert(
+            path.to_owned(),
+            Retry {
+                version: p.version,
+                at,
+                wait,
+            },
+        );
+        Ok(())
+    }
+
+    /// Drops the parked version of `path`, if any: it, or a newer version,
+    /// is placed (or the path is gone). True if there was one.
+    pub fn unpark(&self, path: &str) -> Result<bool, LocalStateError> {
+        let mut mem = self.parked_mem.lock().expect("parked lock poisoned");
+        if mem.remove(path).is_none() {
+            return Ok(false);
+        }
+        drop(mem);
+        self.parked.remove(path.as_bytes())?;
+        Ok(true)
+    }
+
+    /// Every parked path, in path order.
+    pub fn parked(&self) -> Result<Vec<(String, Parked)>, LocalStateError> {
+        let mut out = Vec::new();
+        for kv in self.parked.iter() {
+            let (k, v) = kv?;
+            let path = String::from_utf8_lossy(&k).into_owned();
+            let p: Parked = decode(&path, &v)?;
+            out.push((path, p));
+        }
+        Ok(out)
+    }
+
+    /// Parked paths due to be tried again, with their versions.
+    pub fn parked_due(&self) -> Vec<(String, u64)> {
+        let now = std::time::Instant::now();
+        let mem = self.parked_mem.lock().expect("parked lock poisoned");
+        mem.iter()
+            .filter(|(_, r)| r.at <= now)
+            .map(|(p, r)| (p.clone(), r.version))
+            .collect()
+    }
+
+    /// When the next parked path is due, if any is parked.
+    pub fn next_parked_retry(&self) -> Option<std::time::Instant> {
+        let mem = self.parked_mem.lock().expect("parked lock poisoned");
+        mem.values().map(|r| r.at).min()
+    }
+
+    /// Every commit up to this log index is on disk: the watermark, or
+    /// just below the oldest parked version.
+    pub fn on_disk_through(&self) -> Result<u64, LocalStateError> {
+        let w = self.watermark()?;
+        let mem = self.parked_mem.lock().expect("parked lock poisoned");
+        let oldest = mem.values().map(|r| r.version).min();
+        Ok(oldest.map_or(w, |v| w.min(v.saturating_sub(1))))
+    }
+
+    /// The change feed is materialized past this log index: every commit
+    /// up to it is on disk but those parked ([`Self::on_disk_through`]).
     pub fn watermark(&self) -> Result<u64, LocalStateError> {
         match self.meta.get(WATERMARK)? {
             Some(v) => {
@@ -363,5 +487,45 @@ mod tests {
         assert!(!st.index().locate(&m.chunks()[0].id).unwrap().is_empty());
         st.forget_file("a/b.bin").unwrap();
         assert_eq!(st.file("a/b.bin").unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_parked_version_holds_the_reported_watermark_back_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let parked = |version, error: &str, since_ms| Parked {
+            version,
+            error: error.into(),
+            since_ms,
+        };
+        {
+            let st = LocalState::open(dir.path()).unwrap();
+            st.set_watermark(20).unwrap();
+            assert_eq!(st.on_disk_through().unwrap(), 20);
+            st.park("x", parked(12, "first", 1)).unwrap();
+            st.park("y", parked(15, "other", 2)).unwrap();
+            // Parked again: the first time is kept, the error is the last.
+            st.park("x", parked(12, "again", 3)).unwrap();
+            assert_eq!(st.on_disk_through().unwrap(), 11);
+            assert!(st.parked_due().is_empty(), "tried again only after a while");
+            assert!(st.next_parked_retry().is_some());
+            st.flush().await.unwrap();
+        }
+        let st = LocalState::open(dir.path()).unwrap();
+        assert_eq!(
+            st.parked().unwrap(),
+            vec![
+                ("x".into(), parked(12, "again", 1)),
+                ("y".into(), parked(15, "other", 2))
+            ]
+        );
+        assert_eq!(st.on_disk_through().unwrap(), 11);
+        // After a restart, every parked path is tried at once.
+        assert_eq!(st.parked_due().len(), 2);
+        assert!(st.unpark("x").unwrap());
+        assert!(!st.unpark("x").unwrap());
+        assert_eq!(st.on_disk_through().unwrap(), 14);
+        assert!(st.unpark("y").unwrap());
+        assert_eq!(st.on_disk_through().unwrap(), 20);
+        assert!(st.next_parked_retry().is_none());
     }
 }

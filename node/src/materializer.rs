@@ -55,6 +55,18 @@ pub enum MaterializeError {
     },
 }
 
+impl MaterializeError {
+    /// No member could serve the content: placing the file waits for one
+    /// that can, and the changes after it need not (see `Parked`).
+    fn unobtainable(&self) -> bool {
+        match self {
+            MaterializeError::NoManifest { .. } | MaterializeError::ChunkUnavailable { .. } => true,
+            MaterializeError::At { source, .. } => source.unobtainable(),
+            _ => false,
+        }
+    }
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> MaterializeError {
     let context = context.into();
     move |source| MaterializeError::Io { context, source }
@@ -98,8 +110,17 @@ pub async fn run<N: PeerNet>(node: Arc<SyncNode<N>>, mut shutdown: broadcast::Re
         match step(&node).await {
             Ok(Progress::CaughtUp) => {
                 last = None;
+                // Or until a parked path is due to be tried again.
+                let retry = node.local.next_parked_retry();
+                let parked_due = async move {
+                    match retry {
+                        Some(at) => tokio::time::sleep_until(at.into()).await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = applied.changed() => {}
+                    _ = parked_due => {}
                     _ = shutdown.recv() => return,
                 }
             }
@@ -126,6 +147,7 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<Progress, Materiali
     // Taken before the feed is read: a change the scanner commits meanwhile
     // is then either in this read or recorded before it.
     let _folder = node.folder_lock.lock().await;
+    retry_parked(node).await?;
     let wm = node
         .local
         .watermark()
@@ -207,13 +229,18 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<Progress, Materiali
             false => Assembled::none(),
         };
         assembled.inline = inline.take();
-        materialize_entry(node, &c.path, &c.entry, assembled, &mut group)
-            .await
-            .map_err(|e| MaterializeError::At {
-                path: c.path.to_string(),
-                version: c.entry.version,
-                source: Box::new(e),
-            })?;
+        match materialize_entry(node, &c.path, &c.entry, assembled, &mut group).await {
+            Ok(()) => unpark(node, &c.path)?,
+            // The changes after it go on (see `Parked`).
+            Err(e) if e.unobtainable() => park(node, c, &e)?,
+            Err(e) => {
+                return Err(MaterializeError::At {
+                    path: c.path.to_string(),
+                    version: c.entry.version,
+                    source: Box::new(e),
+                })
+            }
+        }
         if group.is_full() {
             group.flush(node).await?;
         }
@@ -224,6 +251,7 @@ async fn step<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<Progress, Materiali
     dead.sort_by(|a, b| b.path.cmp(&a.path));
     for c in &dead {
         remove_entry(node, &c.path, c.entry.version).await?;
+        unpark(node, &c.path)?;
     }
     set_watermark(node, through).await?;
     Ok(if full {
@@ -340,8 +368,108 @@ async fn set_watermark<N: PeerNet>(node: &SyncNode<N>, w: u64) -> Result<(), Mat
         .flush()
         .await
         .map_err(|e| MaterializeError::Local(e.to_string()))?;
-    node.watermark.send_replace(w);
+    publish_watermark(node)
+}
+
+/// Tells waiters what is on disk: the watermark, or less while a path is
+/// parked.
+fn publish_watermark<N: PeerNet>(node: &SyncNode<N>) -> Result<(), MaterializeError> {
+    let on_disk = node
+        .local
+        .on_disk_through()
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    node.watermark.send_replace(on_disk);
     Ok(())
+}
+
+/// Parks `c`, whose content no member could serve (see `Parked`).
+fn park<N: PeerNet>(
+    node: &SyncNode<N>,
+    c: &Change,
+    e: &MaterializeError,
+) -> Result<(), MaterializeError> {
+    warn!(path = %c.path, version = c.entry.version, cause = %e, "content unobtainable; parked, the changes after it go on");
+    Metrics::add(&node.metrics.materialize_errors, 1);
+    node.metrics
+        .events
+        .record(crate::events::EventKind::Parked, &c.path);
+    node.local
+        .park(
+            c.path.as_str(),
+            crate::local::Parked {
+                version: c.entry.version,
+                error: e.to_string(),
+                since_ms: now_ms(),
+            },
+        )
+        .map_err(|e| MaterializeError::Local(e.to_string()))
+}
+
+fn unpark<N: PeerNet>(node: &SyncNode<N>, path: &NsPath) -> Result<(), MaterializeError> {
+    node.local
+        .unpark(path.as_str())
+        .map_err(|e| MaterializeError::Local(e.to_string()))?;
+    Ok(())
+}
+
+/// Parked paths tried again in one step, at most.
+const PARKED_TRIES_PER_STEP: usize = 16;
+
+/// Tries the parked paths that are due again. One whose version is no
+/// longer the path's committed one is dropped: the feed carries the newer.
+async fn retry_parked<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<(), MaterializeError> {
+    let due = node.local.parked_due();
+    if due.is_empty() {
+        return Ok(());
+    }
+    let view = node.reader.view();
+    // A few per step: each may wait on unreachable peers, under the
+    // folder lock.
+    for (path, version) in due.into_iter().take(PARKED_TRIES_PER_STEP) {
+        let current = NsPath::parse(&path)
+            .ok()
+            .and_then(|p| Some((view.get(&p).ok()??, p)));
+        let Some((entry, p)) = current.filter(|(e, _)| e.version == version) else {
+            node.local
+                .unpark(&path)
+                .map_err(|e| MaterializeError::Local(e.to_string()))?;
+            continue;
+        };
+        let mut group = PlaceGroup::default();
+        let placed = match materialize_entry(node, &p, &entry, Assembled::none(), &mut group).await
+        {
+            Ok(()) => group.flush(node).await,
+            Err(e) => Err(e),
+        };
+        match placed {
+            Ok(()) => {
+                unpark(node, &p)?;
+                info!(%path, version, "parked file placed");
+            }
+            // Still parked, whatever the cause now: the feed is past it, and
+            // an error here must not stop the changes after it again.
+            Err(e) => {
+                debug!(%path, version, cause = %e, "parked file still not placed");
+                node.local
+                    .park(
+                        &path,
+                        crate::local::Parked {
+                            version,
+                            error: e.to_string(),
+                            since_ms: now_ms(),
+                        },
+                    )
+                    .map_err(|e| MaterializeError::Local(e.to_string()))?;
+            }
+        }
+    }
+    publish_watermark(node)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(crate) async fn materialize_entry<N: PeerNet>(

@@ -37,6 +37,13 @@ pub struct StatusReport {
     pub pending_count: usize,
     /// The oldest of them (at most 100).
     pub pending: Vec<PendingReport>,
+    /// Committed files not on this node's disk because no member could
+    /// serve their content; tried again every few seconds.
+    #[serde(default)]
+    pub parked_count: usize,
+    /// The first of them in path order (at most 100).
+    #[serde(default)]
+    pub parked: Vec<ParkedReport>,
     /// What is under way on this node.
     #[serde(default)]
     pub in_flight: InFlightReport,
@@ -56,6 +63,14 @@ pub struct PendingReport {
     pub path: String,
     pub kind: String,
     pub base: Option<u64>,
+    pub since_ms: u64,
+    pub error: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ParkedReport {
+    pub path: String,
+    pub version: u64,
     pub since_ms: u64,
     pub error: String,
 }
@@ -120,6 +135,7 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
     let (voters, learners, leader) = node.members();
     let view = node.reader.view();
     let pending = node.local.pending().unwrap_or_default();
+    let parked = node.local.parked().unwrap_or_default();
     let applied = view.applied_index();
     let watermark = *node.watermark.borrow();
     StatusReport {
@@ -147,6 +163,17 @@ pub fn status<N: PeerNet>(node: &SyncNode<N>) -> StatusReport {
                 base: e.base,
                 since_ms: e.since_ms,
                 error: e.error,
+            })
+            .collect(),
+        parked_count: parked.len(),
+        parked: parked
+            .into_iter()
+            .take(100)
+            .map(|(path, p)| ParkedReport {
+                path,
+                version: p.version,
+                since_ms: p.since_ms,
+                error: p.error,
             })
             .collect(),
         in_flight: InFlightReport {
@@ -240,11 +267,13 @@ pub fn prometheus<N: PeerNet>(node: &SyncNode<N>, conflicts: &ConflictTracker) -
          # TYPE synod_materialize_queue_depth gauge\nsynod_materialize_queue_depth{{node=\"{id}\"}} {}\n\
          # TYPE synod_uploads_in_progress gauge\nsynod_uploads_in_progress{{node=\"{id}\"}} {}\n\
          # TYPE synod_conflict_copies_present gauge\nsynod_conflict_copies_present{{node=\"{id}\"}} {}\n\
+         # TYPE synod_parked_files gauge\nsynod_parked_files{{node=\"{id}\"}} {}\n\
          # TYPE synod_raft_role gauge\n",
         s.leader.unwrap_or(0),
         s.in_flight.materialize_queue,
         s.in_flight.uploads,
         s.conflicts.count,
+        s.parked_count,
     );
     for role in ["leader", "follower", "candidate", "learner", "shutdown"] {
         let on = u8::from(s.role == role);

@@ -234,3 +234,87 @@ fn a_writer_killed_mid_upload_commits_nothing_and_leaves_nothing() {
         .unwrap_or(0);
     assert_eq!(tmp_left, 0, "the writer's partial upload was not swept");
 }
+
+/// Overwrites `path` in place with `bytes` of the same length and puts its
+/// mtime back: inode, size and mtime are as the scanner recorded them, so
+/// no edit is seen, but the old bytes are gone.
+fn overwrite_unseen(path: &std::path::Path, bytes: &[u8]) {
+    use std::os::unix::fs::FileExt;
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), bytes.len() as u64);
+    f.write_all_at(bytes, 0).unwrap();
+    f.sync_all().unwrap();
+    f.set_modified(mtime).unwrap();
+}
+
+#[test]
+fn a_file_no_member_can_serve_is_parked_and_the_files_after_it_still_arrive() {
+    let mut c = TestCluster::start(3);
+    let a = c.leader();
+    let others: Vec<usize> = (1..=3).filter(|&i| i != a).collect();
+    let (b, late) = (others[0], others[1]);
+    c.kill_node(late);
+    // Written through `b`: its push to the dead node, still queued in its
+    // transport, goes down with it below.
+    let lost = random_bytes(100_000, 30);
+    let put = c.client(b).put("lost.bin", &lost[..], None).unwrap();
+    let lost_version = put["version"].as_u64().unwrap();
+    for id in [a, b] {
+        c.must_see_file(id, "lost.bin", &lost);
+    }
+    c.must_retry("the leader's staged copy to be released", || {
+        match c.client(a).status()?["staging_bytes"].as_u64() {
+            Some(0) => Ok(()),
+            other => Err(common::io(format!("staging bytes {other:?}"))),
+        }
+    });
+    // The writer goes down, the other holder's copy is spoiled behind its
+    // back: while `b` is down nobody can serve the file.
+    c.kill_node(b);
+    overwrite_unseen(&c.folder(a).join("lost.bin"), &random_bytes(lost.len(), 31));
+    c.start_node(late);
+    let after = random_bytes(100_000, 32);
+    c.must_retry("a write with the late node back", || {
+        c.client(a).put("after.bin", &after[..], None)
+    });
+    c.must_see_file(late, "after.bin", &after);
+    let status = c.client(late).status().unwrap();
+    assert_eq!(status["parked_count"], 1, "{status:#}");
+    assert_eq!(status["parked"][0]["path"], "lost.bin", "{status:#}");
+    assert_eq!(status["parked"][0]["version"], lost_version, "{status:#}");
+    // What is on disk is reported as such: not past the parked file.
+    let watermark = status["watermark"].as_u64().unwrap();
+    assert!(
+        watermark < lost_version,
+        "watermark {watermark} passed the parked version {lost_version}"
+    );
+    assert!(!c.folder(late).join("lost.bin").exists());
+    // And the files after it are served.
+    let mut got = Vec::new();
+    c.client(late).cat("after.bin", &mut got).unwrap();
+    assert!(
+        got == after,
+        "after.bin read back through the late node's API"
+    );
+
+    // The holder with a good copy returns: the parked file is placed, and
+    // the watermark catches up.
+    c.start_node(b);
+    c.must_see_file(late, "lost.bin", &lost);
+    c.must_retry(
+        "the parked file to be dropped and the watermark to catch up",
+        || {
+            let s = c.client(late).status()?;
+            let (applied, watermark) = (s["applied"].as_u64(), s["watermark"].as_u64());
+            if s["parked_count"] == 0 && watermark == applied {
+                Ok(())
+            } else {
+                Err(common::io(format!(
+                    "parked {}, watermark {watermark:?}, applied {applied:?}",
+                    s["parked_count"]
+                )))
+            }
+        },
+    );
+}
