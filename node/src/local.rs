@@ -88,7 +88,9 @@ pub struct Parked {
     pub since_ms: u64,
 }
 
-/// When a parked path is tried again: after 1 s, doubling up to this.
+/// When a parked path is tried again: after the first wait, doubling up
+/// to the most.
+const PARK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
 const PARK_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Debug, Clone, Copy)]
@@ -134,6 +136,20 @@ pub fn decode<T: serde::de::DeserializeOwned>(
     }
 }
 
+/// Every record of `tree`, keyed by path, in path order.
+fn by_path<T: serde::de::DeserializeOwned>(
+    tree: &sled::Tree,
+) -> Result<Vec<(String, T)>, LocalStateError> {
+    let mut out = Vec::new();
+    for kv in tree.iter() {
+        let (k, v) = kv?;
+        let path = String::from_utf8_lossy(&k).into_owned();
+        let record = decode(&path, &v)?;
+        out.push((path, record));
+    }
+    Ok(out)
+}
+
 pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     bincode::serde::encode_to_vec(v, codec()).expect("local records are small and serializable")
 }
@@ -171,16 +187,14 @@ impl LocalState {
         let now = std::time::Instant::now();
         let parked = st.parked()?;
         let mut mem = st.parked_mem.lock().expect("parked lock poisoned");
+        // Tried again at once after a restart.
         for (path, p) in parked {
-            let wait = std::time::Duration::from_secs(1);
-            mem.insert(
-                path,
-                Retry {
-                    version: p.version,
-                    at: now,
-                    wait,
-                },
-            );
+            let retry = Retry {
+                version: p.version,
+                at: now,
+                wait: PARK_RETRY_FIRST,
+            };
+            mem.insert(path, retry);
         }
         drop(mem);
         Ok(st)
@@ -249,14 +263,7 @@ impl LocalState {
 
     /// Every file record, in path order.
     pub fn files(&self) -> Result<Vec<(String, LocalFile)>, LocalStateError> {
-        let mut out = Vec::new();
-        for kv in self.files.iter() {
-            let (k, v) = kv?;
-            let path = String::from_utf8_lossy(&k).into_owned();
-            let f = decode(&path, &v)?;
-            out.push((path, f));
-        }
-        Ok(out)
+        by_path(&self.files)
     }
 
     /// Journals `edit` of `path`, keeping the first `since_ms` if it was
@@ -277,13 +284,7 @@ impl LocalState {
 
     /// The pending journal, oldest first.
     pub fn pending(&self) -> Result<Vec<(String, PendingEdit)>, LocalStateError> {
-        let mut out = Vec::new();
-        for kv in self.pending.iter() {
-            let (k, v) = kv?;
-            let path = String::from_utf8_lossy(&k).into_owned();
-            let e: PendingEdit = decode(&path, &v)?;
-            out.push((path, e));
-        }
+        let mut out: Vec<(String, PendingEdit)> = by_path(&self.pending)?;
         out.sort_by_key(|(_, e)| e.since_ms);
         Ok(out)
     }
@@ -343,7 +344,7 @@ impl LocalState {
         let mut mem = self.parked_mem.lock().expect("parked lock poisoned");
         let wait = match mem.get(path) {
             Some(r) if r.version == p.version => (r.wait * 2).min(PARK_RETRY_MAX),
-            _ => std::time::Duration::from_secs(1),
+            _ => PARK_RETRY_FIRST,
         };
         let at = std::time::Instant::now() + wait;
         mem.insert(
@@ -371,14 +372,7 @@ impl LocalState {
 
     /// Every parked path, in path order.
     pub fn parked(&self) -> Result<Vec<(String, Parked)>, LocalStateError> {
-        let mut out = Vec::new();
-        for kv in self.parked.iter() {
-            let (k, v) = kv?;
-            let path = String::from_utf8_lossy(&k).into_owned();
-            let p: Parked = decode(&path, &v)?;
-            out.push((path, p));
-        }
-        Ok(out)
+        by_path(&self.parked)
     }
 
     /// Parked paths due to be tried again, with their versions.

@@ -393,15 +393,26 @@ fn park<N: PeerNet>(
     node.metrics
         .events
         .record(crate::events::EventKind::Parked, &c.path);
+    record_parked(node, c.path.as_str(), c.entry.version, e)
+}
+
+/// The local record of a parked path, with the last error.
+fn record_parked<N: PeerNet>(
+    node: &SyncNode<N>,
+    path: &str,
+    version: u64,
+    e: &MaterializeError,
+) -> Result<(), MaterializeError> {
+    let since_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let parked = crate::local::Parked {
+        version,
+        error: e.to_string(),
+        since_ms,
+    };
     node.local
-        .park(
-            c.path.as_str(),
-            crate::local::Parked {
-                version: c.entry.version,
-                error: e.to_string(),
-                since_ms: now_ms(),
-            },
-        )
+        .park(path, parked)
         .map_err(|e| MaterializeError::Local(e.to_string()))
 }
 
@@ -450,26 +461,11 @@ async fn retry_parked<N: PeerNet>(node: &Arc<SyncNode<N>>) -> Result<(), Materia
             // an error here must not stop the changes after it again.
             Err(e) => {
                 debug!(%path, version, cause = %e, "parked file still not placed");
-                node.local
-                    .park(
-                        &path,
-                        crate::local::Parked {
-                            version,
-                            error: e.to_string(),
-                            since_ms: now_ms(),
-                        },
-                    )
-                    .map_err(|e| MaterializeError::Local(e.to_string()))?;
+                record_parked(node, &path, version, &e)?;
             }
         }
     }
     publish_watermark(node)
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 pub(crate) async fn materialize_entry<N: PeerNet>(
