@@ -138,6 +138,43 @@ impl fmt::Debug for TransportHandle {
     }
 }
 
+/// Gives the QUIC sockets behind `addrs` larger receive buffers, and says
+/// where the kernel would not.
+fn enlarge_udp_buffers(addrs: &[Multiaddr]) {
+    use crate::udp_buffers::{enlarge, RECV_BUFFER};
+    use libp2p::multiaddr::Protocol;
+    let ports: Vec<u16> = addrs
+        .iter()
+        .flat_map(|a| a.iter())
+        .filter_map(|p| match p {
+            Protocol::Udp(port) => Some(port),
+            _ => None,
+        })
+        .collect();
+    match enlarge(&ports, RECV_BUFFER) {
+        Ok(done) => {
+            for s in done {
+                // The kernel reports twice what it set.
+                if s.granted < 2 * RECV_BUFFER {
+                    tracing::warn!(
+                        port = s.port,
+                        granted = s.granted / 2,
+                        asked = RECV_BUFFER,
+                        "UDP receive buffer is smaller than asked; bulk transfers may drop datagrams (raise the sysctl net.core.rmem_max)"
+                    );
+                } else {
+                    tracing::debug!(
+                        port = s.port,
+                        bytes = s.granted / 2,
+                        "UDP receive buffer set"
+                    );
+                }
+            }
+        }
+        Err(e) => tracing::warn!(cause = %e, "could not set the UDP receive buffers"),
+    }
+}
+
 /// Builds the swarm, starts listening, and spawns the driver task.
 ///
 /// Returns once at least one listen address is up (so port 0 is resolved).
@@ -172,6 +209,7 @@ pub async fn start_transport(
         swarm.add_peer_address(*peer, addr.clone());
     }
     tracing::info!(peer = %local_peer_id, listen = ?listen_addrs, "transport started");
+    enlarge_udp_buffers(&listen_addrs);
     let raft: RaftSlot = Arc::new(RwLock::new(None));
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let bulk = Arc::new(PeerSlots {

@@ -17,6 +17,7 @@
 //! - [`services`]: the `Services` trait a node implements to serve peers.
 //! - [`raft_network`]: openraft's network over the handle.
 //! - `raft_stream`: Raft RPCs over kept streams of a connection.
+//! - [`udp_buffers`]: larger kernel receive buffers for the QUIC sockets.
 //! - [`remote_tree`]: a peer's Merkle tree as a `TreeSource`, remote diff.
 
 pub mod buffers;
@@ -31,6 +32,7 @@ mod raft_stream;
 pub mod remote_tree;
 pub mod services;
 pub mod swarm;
+pub mod udp_buffers;
 
 pub use bytes::Bytes;
 pub use codec::{CodecCounts, CodecError, CodecMetrics};
