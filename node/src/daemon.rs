@@ -313,6 +313,7 @@ impl PeerNet for TransportNet {
             bytes_in: c.bytes_in,
             bytes_out: c.bytes_out,
             frames_rejected: c.rejected(),
+            udp_drops: self.handle.udp_drops(),
         }
     }
 }

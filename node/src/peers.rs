@@ -144,6 +144,10 @@ pub struct WireStats {
     pub bytes_out: u64,
     /// Frames from peers rejected as oversized, truncated or malformed.
     pub frames_rejected: u64,
+    /// Datagrams the kernel dropped on arrival at this node's QUIC sockets
+    /// for want of receive-buffer room (see `net.core.rmem_max`).
+    #[serde(default)]
+    pub udp_drops: u64,
 }
 
 /// What a forwarded write came back with.

@@ -255,9 +255,10 @@ pub fn prometheus<N: PeerNet>(node: &SyncNode<N>, conflicts: &ConflictTracker) -
          # TYPE synod_wire_bytes_received counter\nsynod_wire_bytes_received{{node=\"{id}\"}} {}\n\
          # TYPE synod_wire_bytes_sent counter\nsynod_wire_bytes_sent{{node=\"{id}\"}} {}\n\
          # TYPE synod_wire_frames_rejected counter\nsynod_wire_frames_rejected{{node=\"{id}\"}} {}\n\
+         # TYPE synod_udp_receive_drops counter\nsynod_udp_receive_drops{{node=\"{id}\"}} {}\n\
          # TYPE synod_pending_edits gauge\nsynod_pending_edits{{node=\"{id}\"}} {}\n\
          # TYPE synod_staging_bytes gauge\nsynod_staging_bytes{{node=\"{id}\"}} {}\n",
-        s.term, s.applied, s.watermark, s.entries, s.wire.bytes_in, s.wire.bytes_out, s.wire.frames_rejected,
+        s.term, s.applied, s.watermark, s.entries, s.wire.bytes_in, s.wire.bytes_out, s.wire.frames_rejected, s.wire.udp_drops,
         s.pending_count, s.staging_bytes
     ));
     // `write!` into a String cannot fail.

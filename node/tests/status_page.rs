@@ -197,6 +197,7 @@ fn metrics_and_events_report_a_committed_write() {
     );
     assert!(value(&format!("synod_materialize_queue_depth{{node=\"{n}\"}}")) >= 0.0);
     assert!(value(&format!("synod_pending_edits{{node=\"{n}\"}}")) >= 0.0);
+    assert!(value(&format!("synod_udp_receive_drops{{node=\"{n}\"}}")) >= 0.0);
     // The writer pushed the content to at least one other node.
     let pushed: f64 = text
         .lines()

@@ -102,6 +102,8 @@ pub struct TransportHandle {
     /// receiver's inbound stream limit, beyond which libp2p drops the
     /// stream unanswered.
     forwards: Arc<PeerSlots>,
+    /// Inodes of the QUIC sockets, to read their drop counts.
+    udp_sockets: Arc<Vec<u64>>,
 }
 
 /// A per-peer budget of requests in flight. For chunk batches: they share
@@ -139,8 +141,8 @@ impl fmt::Debug for TransportHandle {
 }
 
 /// Gives the QUIC sockets behind `addrs` larger receive buffers, and says
-/// where the kernel would not.
-fn enlarge_udp_buffers(addrs: &[Multiaddr]) {
+/// where the kernel would not. Returns their inodes.
+fn enlarge_udp_buffers(addrs: &[Multiaddr]) -> Vec<u64> {
     use crate::udp_buffers::{enlarge, RECV_BUFFER};
     use libp2p::multiaddr::Protocol;
     let ports: Vec<u16> = addrs
@@ -153,7 +155,7 @@ fn enlarge_udp_buffers(addrs: &[Multiaddr]) {
         .collect();
     match enlarge(&ports, RECV_BUFFER) {
         Ok(done) => {
-            for s in done {
+            for s in &done {
                 // The kernel reports twice what it set.
                 if s.granted < 2 * RECV_BUFFER {
                     tracing::warn!(
@@ -170,8 +172,12 @@ fn enlarge_udp_buffers(addrs: &[Multiaddr]) {
                     );
                 }
             }
+            done.iter().map(|s| s.inode).collect()
         }
-        Err(e) => tracing::warn!(cause = %e, "could not set the UDP receive buffers"),
+        Err(e) => {
+            tracing::warn!(cause = %e, "could not set the UDP receive buffers");
+            Vec::new()
+        }
     }
 }
 
@@ -209,7 +215,7 @@ pub async fn start_transport(
         swarm.add_peer_address(*peer, addr.clone());
     }
     tracing::info!(peer = %local_peer_id, listen = ?listen_addrs, "transport started");
-    enlarge_udp_buffers(&listen_addrs);
+    let udp_sockets = Arc::new(enlarge_udp_buffers(&listen_addrs));
     let raft: RaftSlot = Arc::new(RwLock::new(None));
     let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
     let bulk = Arc::new(PeerSlots {
@@ -245,6 +251,7 @@ pub async fn start_transport(
         raft_streams,
         bulk,
         forwards,
+        udp_sockets,
     };
     Ok((handle, task))
 }
@@ -263,6 +270,12 @@ impl TransportHandle {
     /// Counters of rejected frames and misbehaving peers.
     pub fn metrics(&self) -> &Arc<TransportMetrics> {
         &self.metrics
+    }
+
+    /// Datagrams the kernel dropped on arrival at this node's QUIC sockets
+    /// for want of buffer room (each one a loss QUIC must repair).
+    pub fn udp_drops(&self) -> u64 {
+        crate::udp_buffers::drops(&self.udp_sockets).unwrap_or(0)
     }
 
     /// Inbound Raft RPCs go to `raft` from now on.
