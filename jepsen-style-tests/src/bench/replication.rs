@@ -176,6 +176,16 @@ fn synod_phases(
         &edited.after,
         CASE_DELTA,
     )?);
+    // Each drop is a loss that halves a sender's window: a slow case 1
+    // with drops points at the kernel's buffers, not at synod's work.
+    for id in [1, 2, 3] {
+        let drops = synod::udp_drops(&cluster, id)?;
+        if drops > 0 {
+            findings.push(format!(
+                "synod, cases 1–2: node {id}'s kernel dropped {drops} datagrams at its QUIC socket for want of receive buffer (see net.core.rmem_max)"
+            ));
+        }
+    }
     cluster.stop();
     Ok([
         initial,

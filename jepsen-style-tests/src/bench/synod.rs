@@ -49,6 +49,15 @@ pub fn wire_in(cluster: &Cluster, id: u64) -> Result<u64> {
         .context("no wire.bytes_in in /v1/status")
 }
 
+/// Datagrams node `id`'s kernel dropped at its QUIC socket for want of
+/// receive-buffer room, since it started.
+pub fn udp_drops(cluster: &Cluster, id: u64) -> Result<u64> {
+    let s = api(cluster, id)?.status()?;
+    s["wire"]["udp_drops"]
+        .as_u64()
+        .context("no wire.udp_drops in /v1/status")
+}
+
 /// Committed files of node 1: path → (size, version).
 pub fn committed(cluster: &Cluster) -> Result<BTreeMap<String, (u64, u64)>> {
     Ok(api(cluster, 1)?
