@@ -198,7 +198,8 @@ impl StateView {
         }
     }
 
-    /// [`Self::changes_since`], but for snapshot installs.
+    /// One scan of the change feed: [`Self::changes_since`] without its
+    /// guard against a snapshot install running meanwhile.
     fn scan_feed(&self, after: u64, limit: usize) -> Result<Vec<Change>, StorageError> {
         // Up to what was applied when the call began: later entries may be
         // applied while this reads (see below), and a record the scan

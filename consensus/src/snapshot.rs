@@ -686,18 +686,18 @@ fn anyerr(e: &dyn std::error::Error) -> std::io::Error {
 
 /// Marks a snapshot install under way (`SmShared::installs` odd) until
 /// dropped, which happens before the `visible` lock it is taken under.
-struct Installing<'a>(&'a std::sync::atomic::AtomicU64);
+struct Installing<'a>(&'a AtomicU64);
 
 impl<'a> Installing<'a> {
-    fn begin(installs: &'a std::sync::atomic::AtomicU64) -> Installing<'a> {
-        installs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    fn begin(installs: &'a AtomicU64) -> Installing<'a> {
+        installs.fetch_add(1, Ordering::SeqCst);
         Installing(installs)
     }
 }
 
 impl Drop for Installing<'_> {
     fn drop(&mut self) {
-        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
